@@ -1,0 +1,45 @@
+# Two commands a newcomer needs: `make demo` and `make test`.  Both set up .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-slow lint bench up down status clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=25"
+	# torch first and alone, pinned: the CPU wheel here; nothing may pull a CUDA build as a side effect
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,eval]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipelines.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check prouigan platform pipelines tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/model.py
+
+up: $(STAMP)
+	$(BIN)/prouigan platform up
+down: $(STAMP)
+	$(BIN)/prouigan platform down
+status: $(STAMP)
+	$(BIN)/prouigan platform status
+
+clean:
+	-$(BIN)/prouigan platform down
+	rm -rf $(VENV) .platform outputs

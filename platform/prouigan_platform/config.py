@@ -1,0 +1,263 @@
+"""The one typed configuration that travels from the CLI to every Ray worker.
+
+Loading is a pure function: YAML file(s) + ``key=value`` overrides -> validated ``Config``.
+It reads no argv, starts nothing and seeds nothing.  A YAML file may name ``extends: other.yaml``
+(relative to itself) to start from another file.  Every error is a ``ConfigError`` whose message is
+one line naming the bad key or value; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SourceConfig(_Section):
+    kind: Literal["300w", "celeba", "photos", "synthetic"] = "300w"
+    path: str = "../shared/faces"  # folder (300w/celeba/photos); ignored for synthetic
+    count: int = Field(default=64, ge=1)  # synthetic only: how many faces to draw
+    name: str | None = None  # prefix of sample keys; defaults to the folder name
+
+
+class OcclusionConfig(_Section):
+    kinds: list[Literal["random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes"]] = [
+        "random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes"
+    ]
+    coverage: tuple[float, float] = (0.1, 0.35)  # fraction of the 128x128 face hidden
+    probability: float = Field(default=1.0, ge=0.0, le=1.0)  # chance a training face is occluded at all
+
+    @field_validator("coverage")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError("must be [low, high] with 0 <= low <= high <= 1")
+        return v
+
+
+class DegradationConfig(_Section):
+    noise_std: float = Field(default=0.0, ge=0.0)  # gaussian noise on the 16x16 input, in [0,1] units
+    jpeg_quality: int | None = Field(default=None, ge=1, le=100)  # JPEG round trip of the 16x16 input
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = [SourceConfig()]
+    output: str = "s3://prouigan/datasets/faces"  # dataset root: local path or s3://bucket/prefix
+    image_size: Literal[128] = 128
+    min_native_px: int = Field(default=128, ge=1)  # faces smaller than this natively are quarantined
+    shard_max_samples: int = Field(default=256, ge=1)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    shuffle_buffer: int = Field(default=256, ge=0)
+    occlusion: OcclusionConfig = OcclusionConfig()
+    degradation: DegradationConfig = DegradationConfig()
+    heatmap_sigma: float = Field(default=1.5, gt=0.0)  # Gaussian sigma of landmark heatmaps, in 32x32 pixels
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "cpu-small", "gpu-paper"] = "cpu-small"
+    overrides: dict[str, int | float | list[int]] = {}  # fields of prouigan.GeneratorConfig to change
+
+
+class LossConfig(_Section):
+    pixel: float = Field(default=1.0, ge=0.0)  # per-stage MSE at each stage's resolution
+    heatmap: float = Field(default=0.1, ge=0.0)  # per-stage prior (landmark heatmap) MSE
+    adversarial: float = Field(default=1e-3, ge=0.0)  # LSGAN generator term, last stage
+    tv: float = Field(default=1e-5, ge=0.0)  # total variation of every stage output
+    perceptual: float = Field(default=0.0, ge=0.0)  # VGG feature loss; needs vgg_weights
+    style: float = Field(default=0.0, ge=0.0)  # VGG Gram loss; needs vgg_weights
+    vgg_weights: str | None = None  # local path of torchvision vgg19 state_dict; nothing is downloaded
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=16, ge=1)  # per worker
+    steps: int = Field(default=2000, ge=1)
+    lr_g: float = Field(default=2e-4, gt=0.0)
+    lr_d: float = Field(default=1e-4, gt=0.0)
+    bf16: bool = True  # autocast on GPU only
+    val_every: int = Field(default=250, ge=1)
+    val_samples: int = Field(default=64, ge=1)
+    checkpoint_every: int = Field(default=250, ge=1)
+    keep_best: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=0)
+    storage: str = "s3://prouigan/checkpoints"
+    dataset: str | None = None  # manifest URI; defaults to the latest version under data.output
+
+
+class TrackingConfig(_Section):
+    experiment: str = "prouigan"
+    registered_model: str = "prouigan"
+
+
+class Config(_Section):
+    name: str = "prouigan"  # run / experiment-version name; resume uses it
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"train.steps": 2000, ...}``: what MLflow logs as params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, else a name in pipelines/configs (``cpu-small`` -> pipelines/configs/cpu-small.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config 'extends' loop: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends a file that does not exist: {base}")
+    return _deep_merge(_read_yaml(base_path, (*seen, path)), data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _model_for(path: list[str]) -> type[BaseModel] | None:
+    """The section model at a dotted path, or None where the path leaves the typed tree."""
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _unknown_key_message(dotted: str) -> str:
+    parts = dotted.split(".")
+    model = _model_for(parts[:-1])
+    hint = ""
+    if model is not None:
+        close = difflib.get_close_matches(parts[-1], list(model.model_fields), n=1)
+        hint = f" (did you mean '{'.'.join([*parts[:-1], close[0]])}'?)" if close else \
+            f" (known keys here: {', '.join(model.model_fields)})"
+    return f"unknown config key '{dotted}'{hint}"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML scalars/lists (``x=[1,2]``, ``y=null``)."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        parts = key.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    dotted = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        msg = _unknown_key_message(dotted)
+    else:
+        msg = f"config key '{dotted}': {e['msg']} (got {e.get('input')!r})"
+    more = len(err.errors()) - 1
+    return f"{source}: {msg}" + (f" [+{more} more]" if more else "")
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    _check_model_overrides(cfg)
+    return cfg
+
+
+def _check_model_overrides(cfg: Config) -> None:
+    from prouigan.presets import generator_config  # plain-python model library; cheap import
+
+    try:
+        generator_config(cfg.model.preset, cfg.model.overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'model.overrides': {e.args[0] if e.args else e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate.  Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        resolved = resolve_config_path(path)
+        data = _read_yaml(resolved)
+        source = str(resolved)
+    data = apply_overrides(data, list(overrides or []))
+    return validate(data, source)

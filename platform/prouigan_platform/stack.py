@@ -1,0 +1,383 @@
+"""The embedded platform stack: a Ray head, an MLflow tracking server and an S3-compatible server,
+all real processes on 127.0.0.1, with their state in one folder (default ``.platform/``).
+
+``up`` is idempotent and waits for health checks; ``down`` stops exactly the process trees it started
+(by PID, recorded in ``stack.json``) and keeps the data.  The S3 server (moto) holds objects in memory,
+so ``down`` snapshots every bucket to ``<state>/s3/`` and ``up`` restores it: object data survives
+``down`` + ``up`` but not a crash of the S3 process (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+SERVICES = ("s3", "mlflow", "ray")  # start order; stop order is the reverse
+S3_ACCESS_KEY = "prouigan"  # the embedded S3 server accepts any key; these are not secrets
+S3_SECRET_KEY = "prouigan-local-secret"
+S3_REGION = "us-east-1"
+
+
+class StackError(RuntimeError):
+    """A stack operation failed; the message says which service and why."""
+
+
+@dataclass
+class StackSpec:
+    state_dir: Path = Path(".platform")
+    bucket: str = "prouigan"
+    s3_port: int = 9000
+    mlflow_port: int = 5000
+    ray_port: int = 6379
+    dashboard_port: int = 8265
+    ray_client_port: int = 10001
+    ray_num_cpus: int = max(4, os.cpu_count() or 1)  # >= 4 logical slots: 2 train workers + Ray Data tasks
+    object_store_mb: int = 1024
+    timeout_s: float = 90.0
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{LOOPBACK}:{self.mlflow_port}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{LOOPBACK}:{self.ray_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+    def ports(self) -> dict[str, list[int]]:
+        return {
+            "s3": [self.s3_port],
+            "mlflow": [self.mlflow_port],
+            "ray": [self.ray_port, self.dashboard_port, self.ray_client_port],
+        }
+
+    def env(self) -> dict[str, str]:
+        """What a pipeline (or a Ray worker) needs to find this stack."""
+        return {
+            "RAY_ADDRESS": self.ray_address,
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "AWS_ENDPOINT_URL": self.s3_endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_DEFAULT_REGION": S3_REGION,
+            "PROUIGAN_BUCKET": self.bucket,
+            # Loopback-only stack: Ray's token auth is off deliberately (README, "Security").
+            "RAY_AUTH_MODE": "disabled",
+        }
+
+
+@dataclass
+class ServiceRecord:
+    name: str
+    pid: int
+    create_time: float
+    ports: list[int]
+    log: str
+    cmd: list[str] = field(default_factory=list)
+
+
+def _state_file(spec: StackSpec) -> Path:
+    return spec.state_dir / "stack.json"
+
+
+def load_state(state_dir: Path) -> tuple[StackSpec | None, dict[str, ServiceRecord]]:
+    path = Path(state_dir) / "stack.json"
+    if not path.exists():
+        return None, {}
+    raw = json.loads(path.read_text())
+    spec_d = raw["spec"]
+    spec_d["state_dir"] = Path(spec_d["state_dir"])
+    return StackSpec(**spec_d), {k: ServiceRecord(**v) for k, v in raw["services"].items()}
+
+
+def _save_state(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
+    spec_d = asdict(spec)
+    spec_d["state_dir"] = str(spec.state_dir)
+    tmp = _state_file(spec).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"spec": spec_d, "services": {k: asdict(v) for k, v in services.items()}}, indent=2))
+    tmp.replace(_state_file(spec))
+    env_lines = [f"export {k}={v}" for k, v in spec.env().items()]
+    (spec.state_dir / "env.sh").write_text("\n".join(env_lines) + "\n")
+
+
+def _alive(rec: ServiceRecord) -> psutil.Process | None:
+    """The recorded process, if it still runs (same PID *and* start time, so a reused PID is not ours)."""
+    try:
+        p = psutil.Process(rec.pid)
+        if abs(p.create_time() - rec.create_time) < 1.0 and p.status() != psutil.STATUS_ZOMBIE:
+            return p
+    except psutil.Error:
+        pass
+    return None
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except Exception:
+        return False
+
+
+def _bin(name: str) -> str:
+    """An executable of this interpreter's environment (.venv/bin/NAME), else from PATH."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"'{name}' is not installed in this environment (pip install -e '.[dev]')")
+    return found
+
+
+def _command(name: str, spec: StackSpec) -> list[str]:
+    state = spec.state_dir.resolve()
+    if name == "s3":
+        return [_bin("moto_server"), "-H", LOOPBACK, "-p", str(spec.s3_port)]
+    if name == "mlflow":
+        return [
+            _bin("mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{spec.bucket}/mlflow-artifacts",
+            "--host", LOOPBACK, "--port", str(spec.mlflow_port), "--workers", "1",
+        ]
+    if name == "ray":
+        return [
+            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
+            f"--node-ip-address={LOOPBACK}", f"--port={spec.ray_port}",
+            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={spec.dashboard_port}",
+            f"--ray-client-server-port={spec.ray_client_port}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--num-cpus={spec.ray_num_cpus}", f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
+        ]
+    raise KeyError(name)
+
+
+def _healthy(name: str, spec: StackSpec) -> bool:
+    if name == "s3":
+        return _http_ok(f"{spec.s3_endpoint}/moto-api/data.json")
+    if name == "mlflow":
+        return _http_ok(f"{spec.mlflow_uri}/health")
+    if name == "ray":
+        return _http_ok(f"{spec.dashboard_url}/api/version") and _http_ok(f"{spec.dashboard_url}/api/gcs_healthz")
+    raise KeyError(name)
+
+
+def _urls(spec: StackSpec) -> dict[str, str]:
+    return {
+        "ray": f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address})",
+        "mlflow": spec.mlflow_uri,
+        "s3": f"{spec.s3_endpoint}  (bucket s3://{spec.bucket})",
+    }
+
+
+def _s3_client(spec: StackSpec):
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=spec.s3_endpoint, aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY, region_name=S3_REGION,
+    )
+
+
+def _s3_restore(spec: StackSpec, log) -> None:
+    """Create the bucket and upload the snapshot that the last ``down`` left."""
+    client = _s3_client(spec)
+    snap = spec.state_dir / "s3"
+    buckets = {spec.bucket} | ({p.name for p in snap.iterdir() if p.is_dir()} if snap.exists() else set())
+    n = 0
+    for b in sorted(buckets):
+        client.create_bucket(Bucket=b)
+        root = snap / b
+        if root.exists():
+            for f in sorted(root.rglob("*")):
+                if f.is_file():
+                    client.upload_file(str(f), b, f.relative_to(root).as_posix())
+                    n += 1
+    if n:
+        log(f"s3: restored {n} objects from {snap}")
+
+
+def _s3_snapshot(spec: StackSpec, log) -> None:
+    """Copy every object of every bucket to ``<state>/s3/`` (written aside, then swapped in)."""
+    client = _s3_client(spec)
+    snap, tmp = spec.state_dir / "s3", spec.state_dir / "s3.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = 0
+    for b in client.list_buckets().get("Buckets", []):
+        (tmp / b["Name"]).mkdir()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=b["Name"]):
+            for obj in page.get("Contents", []):
+                dest = tmp / b["Name"] / obj["Key"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(b["Name"], obj["Key"], str(dest))
+                n += 1
+    old = spec.state_dir / "s3.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if snap.exists():
+        snap.rename(old)
+    tmp.rename(snap)
+    shutil.rmtree(old, ignore_errors=True)
+    log(f"s3: saved {n} objects to {snap}")
+
+
+def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
+    """Start whatever of the stack is not running; wait until all of it is healthy."""
+    spec.state_dir = Path(spec.state_dir).resolve()
+    old_spec, services = load_state(spec.state_dir)
+    if old_spec is not None and any(_alive(r) for r in services.values()):
+        if asdict(old_spec) != asdict(spec):
+            log(f"stack in {spec.state_dir} is already running with its recorded settings; using those")
+        spec = old_spec
+    for sub in ("logs", "mlflow"):
+        (spec.state_dir / sub).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **spec.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
+    for name in SERVICES:
+        rec = services.get(name)
+        if rec is not None and _alive(rec):
+            _wait_healthy(name, spec, rec)
+            log(f"{name}: already running (pid {rec.pid})")
+            continue
+        busy = [p for p in spec.ports()[name] if port_in_use(p)]
+        if busy:
+            raise StackError(
+                f"{name}: port {busy[0]} on {LOOPBACK} is already in use by another program; "
+                f"free it or choose another port (prouigan platform up --{name}-port N)"
+            )
+        cmd = _command(name, spec)
+        log_path = spec.state_dir / "logs" / f"{name}.log"
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=spec.state_dir, start_new_session=True,
+            )
+        rec = ServiceRecord(name, proc.pid, psutil.Process(proc.pid).create_time(), spec.ports()[name],
+                            str(log_path), cmd)
+        services[name] = rec
+        _save_state(spec, services)
+        log(f"{name}: starting (pid {proc.pid}, log {log_path})")
+        _wait_healthy(name, spec, rec)
+        if name == "s3":
+            _s3_restore(spec, log)
+        log(f"{name}: healthy")
+    _save_state(spec, services)
+    for name, url in _urls(spec).items():
+        log(f"  {name:7s} {url}")
+    log(f"  env     source {spec.state_dir / 'env.sh'}  (or: eval $(prouigan platform env))")
+    return services
+
+
+def _wait_healthy(name: str, spec: StackSpec, rec: ServiceRecord) -> None:
+    deadline = time.monotonic() + spec.timeout_s
+    while time.monotonic() < deadline:
+        if _healthy(name, spec):
+            return
+        if _alive(rec) is None:
+            tail = Path(rec.log).read_text(errors="replace").strip().splitlines()[-5:]
+            raise StackError(f"{name}: exited during start-up; last log lines:\n  " + "\n  ".join(tail))
+        time.sleep(0.5)
+    raise StackError(f"{name}: not healthy after {spec.timeout_s:.0f}s; see {rec.log}")
+
+
+def status(state_dir: Path) -> list[dict]:
+    spec, services = load_state(Path(state_dir))
+    rows = []
+    for name in SERVICES:
+        rec = services.get(name)
+        alive = rec is not None and _alive(rec) is not None
+        rows.append({
+            "service": name,
+            "pid": rec.pid if rec else None,
+            "running": alive,
+            "healthy": bool(alive and spec is not None and _healthy(name, spec)),
+            "url": _urls(spec)[name] if spec else "",
+        })
+    return rows
+
+
+def stack_pids(state_dir: Path) -> set[int]:
+    """Every live PID in the process trees the stack started."""
+    _, services = load_state(Path(state_dir))
+    pids: set[int] = set()
+    for rec in services.values():
+        p = _alive(rec)
+        if p is not None:
+            pids.add(p.pid)
+            pids.update(c.pid for c in p.children(recursive=True))
+    return pids
+
+
+def down(state_dir: Path, log=print, timeout_s: float = 30.0) -> None:
+    """Stop exactly the processes ``up`` started (and their children); keep all data on disk."""
+    spec, services = load_state(Path(state_dir))
+    if spec is None:
+        log(f"no stack recorded in {state_dir}")
+        return
+    for name in reversed(SERVICES):
+        rec = services.get(name)
+        proc = _alive(rec) if rec else None
+        if proc is None:
+            log(f"{name}: not running")
+            continue
+        if name == "s3":
+            try:
+                _s3_snapshot(spec, log)
+            except Exception as e:  # the data of a broken server cannot be saved; say so, still stop it
+                log(f"s3: WARNING could not snapshot objects ({e}); objects written since the last down are lost")
+        # SIGTERM the service's main process first so it can stop its own children (ray start --block
+        # tears down GCS, raylet and workers); then whatever of the tree is left gets SIGTERM, then SIGKILL.
+        tree = [proc, *proc.children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        psutil.wait_procs([proc], timeout=timeout_s)
+        rest = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for p in rest:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(rest, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        log(f"{name}: stopped (pid {rec.pid}{', killed ' + str(len(alive)) + ' stragglers' if alive else ''})")
+    _save_state(spec, {})

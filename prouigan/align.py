@@ -1,0 +1,118 @@
+"""Face alignment to a 128x128 square by the public FFHQ recipe, and its inverse.
+
+The oriented square comes from the eye centres and the mouth corners (so 5-point and 68-point
+annotations both work): centre a little below the eyes, side max(2 x eye distance, 1.8 x eye-to-mouth),
+rotated with the eyes.  Where the square leaves the photo, the photo is reflect-padded and the padding is
+blurred and faded towards the image median (as FFHQ does), never black.  Landmarks go through the same
+transform.  ``native_side`` is the square's side in photo pixels: below the output size the "HR" face
+would be an upsampled one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from prouigan.landmarks import LEFT_EYE, RIGHT_EYE
+
+
+@dataclass
+class AlignedFace:
+    image: np.ndarray  # (S, S, 3) uint8
+    landmarks: np.ndarray | None  # (K, 2) in output pixels (pixel centres at integers)
+    native_side: float  # side of the alignment square in source pixels
+    quad: np.ndarray  # (4, 2) source corners: upper-left, lower-left, lower-right, upper-right
+    padded: bool  # the square left the photo and padding was synthesised
+
+
+def keypoints_from_68(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    lm = np.asarray(lm, np.float64)
+    return lm[LEFT_EYE].mean(0), lm[RIGHT_EYE].mean(0), lm[48], lm[54]
+
+
+def keypoints_from_5(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CelebA order: left eye, right eye, nose, left mouth corner, right mouth corner."""
+    lm = np.asarray(lm, np.float64)
+    return lm[0], lm[1], lm[3], lm[4]
+
+
+def ffhq_quad(eye_left, eye_right, mouth_left, mouth_right) -> np.ndarray:
+    eye_avg = (eye_left + eye_right) / 2
+    eye_to_eye = eye_right - eye_left
+    mouth_avg = (mouth_left + mouth_right) / 2
+    eye_to_mouth = mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x = x / (np.hypot(*x) + 1e-12)
+    x = x * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * [-1, 1]
+    c = eye_avg + eye_to_mouth * 0.1
+    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+
+
+def source_to_output(points: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
+    """Map source pixel coordinates into the aligned square's pixels."""
+    a = np.stack([quad[3] - quad[0], quad[1] - quad[0]], 1) / size  # columns: du, dv
+    return np.linalg.solve(a, (np.asarray(points, np.float64) + 0.5 - quad[0]).T).T - 0.5
+
+
+def output_to_source(points: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
+    a = np.stack([quad[3] - quad[0], quad[1] - quad[0]], 1) / size
+    return (a @ (np.asarray(points, np.float64) + 0.5).T).T + quad[0] - 0.5
+
+
+def _pad_reflect_blur(img: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
+    """FFHQ-style padding: reflect, then blur and fade the padded band towards the median colour."""
+    left, top, right, bottom = pad
+    h, w = img.shape[:2]
+    f = img.astype(np.float32)
+    # np.pad's reflect needs pad < size; repeat in steps for very large pads
+    while left or top or right or bottom:
+        cur = [min(p, s - 1) for p, s in ((left, f.shape[1]), (top, f.shape[0]), (right, f.shape[1]),
+                                          (bottom, f.shape[0]))]
+        f = np.pad(f, ((cur[1], cur[3]), (cur[0], cur[2]), (0, 0)), mode="reflect")
+        left, top, right, bottom = (p - c for p, c in zip((left, top, right, bottom), cur, strict=True))
+    ph, pw = f.shape[:2]
+    y, x = np.ogrid[:ph, :pw]
+    l0, t0 = pad[0], pad[1]
+    band = max(1.0, max(pad) * 1.0)
+    dx = np.maximum(np.clip((l0 - x) / band, 0, 1) * (pad[0] > 0),
+                    np.clip((x - (l0 + w - 1)) / band, 0, 1) * (pad[2] > 0))
+    dy = np.maximum(np.clip((t0 - y) / band, 0, 1) * (pad[1] > 0),
+                    np.clip((y - (t0 + h - 1)) / band, 0, 1) * (pad[3] > 0))
+    dist = np.maximum(dx, dy).astype(np.float32)[..., None]  # 0 inside the photo, -> 1 at the far edge
+    radius = float(max(1.0, max(pad) * 0.1))
+    blurred = np.asarray(Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)),
+                         np.float32)
+    f = f + (blurred - f) * np.clip(dist * 3.0 + 1.0, 0, 1) * (dist > 0)
+    f = f + (np.median(f.reshape(-1, 3), 0) - f) * np.clip(dist, 0, 1)
+    return np.clip(f, 0, 255).round().astype(np.uint8)
+
+
+def align(image: np.ndarray | Image.Image, eye_left, eye_right, mouth_left, mouth_right,
+          landmarks: np.ndarray | None = None, size: int = 128) -> AlignedFace:
+    """Crop the FFHQ square of a face to ``size`` x ``size``; carry ``landmarks`` (any K) along."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    quad = ffhq_quad(*(np.asarray(p, np.float64) for p in (eye_left, eye_right, mouth_left, mouth_right)))
+    native = float(np.hypot(*(quad[3] - quad[0])))
+    q = quad.copy()
+    # shrink first when the square is much larger than the output (antialiasing, as FFHQ does)
+    shrink = int(np.floor(native / size * 0.5))
+    if shrink > 1:
+        h, w = img.shape[:2]
+        new = (max(1, int(round(w / shrink))), max(1, int(round(h / shrink))))
+        img = np.asarray(Image.fromarray(img).resize(new, Image.LANCZOS))
+        q = q * [new[0] / w, new[1] / h]
+    # pad where the square leaves the photo
+    h, w = img.shape[:2]
+    border = max(int(np.rint(np.hypot(*(q[3] - q[0])) * 0.1)), 3)
+    lo, hi = np.floor(q.min(0)).astype(int), np.ceil(q.max(0)).astype(int)
+    pad = tuple(int(max(v, 0)) for v in (-lo[0] + border, -lo[1] + border, hi[0] - w + border, hi[1] - h + border))
+    padded = bool(lo[0] < 0 or lo[1] < 0 or hi[0] > w or hi[1] > h)
+    if padded:
+        img = _pad_reflect_blur(img, pad)
+        q = q + [pad[0], pad[1]]
+    out = Image.fromarray(img).transform((size, size), Image.QUAD, tuple((q + 0.0).flatten()), Image.BICUBIC)
+    lm_out = None if landmarks is None else source_to_output(landmarks, quad, size)
+    return AlignedFace(np.asarray(out), lm_out, native, quad, padded)

@@ -1,0 +1,60 @@
+"""Generator size presets.  Constructor arguments of ``ProUIGANGenerator`` are the fields of
+``GeneratorConfig``; a config file picks a preset and may override single fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    channels: tuple[int, int, int] = (96, 64, 48)  # trunk width of the 16, 32 and 64 px stages
+    blocks: tuple[int, int, int] = (3, 2, 2)  # residual blocks per stage trunk
+    prior_channels: int = 32  # width of the landmark (prior) branch
+    prior_blocks: int = 2  # residual blocks of the prior estimator
+    num_points: int = 68  # landmark heatmaps estimated at every stage
+    attn_dim: int = 16  # query/key width of the cross-modal attention
+    attn_max_tokens: int = 1024  # keys are average-pooled to at most this many positions
+    attn_gamma_init: float = 0.1  # initial scale of the attention residuals
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GeneratorConfig:
+        d = dict(d)
+        for k in ("channels", "blocks"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+PRESETS: dict[str, GeneratorConfig] = {
+    # unit tests and smoke runs: seconds on a CPU
+    "tiny": GeneratorConfig(channels=(16, 16, 8), blocks=(1, 1, 1), prior_channels=8, prior_blocks=1,
+                            attn_dim=8, attn_max_tokens=256),
+    # ~1.3M parameters: trains on 2 CPU cores within an hour
+    "cpu-small": GeneratorConfig(attn_max_tokens=256),
+    # the paper-sized model for GPUs
+    "gpu-paper": GeneratorConfig(channels=(256, 128, 64), blocks=(6, 4, 3), prior_channels=128, prior_blocks=4,
+                                 attn_dim=64, attn_max_tokens=1024),
+}
+
+
+def generator_config(preset: str, overrides: dict | None = None) -> GeneratorConfig:
+    """A preset with some fields changed.  Unknown names raise with the list of what exists."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown generator preset '{preset}'; known: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    overrides = dict(overrides or {})
+    known = {f.name for f in fields(GeneratorConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise KeyError(f"unknown generator field(s) {unknown}; known: {', '.join(sorted(known))}")
+    for k in ("channels", "blocks"):
+        if k in overrides:
+            v = overrides[k]
+            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(i, int) and i > 0 for i in v)):
+                raise ValueError(f"{k} must be three positive integers, got {v!r}")
+            overrides[k] = tuple(v)
+    return replace(cfg, **overrides)

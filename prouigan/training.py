@@ -1,0 +1,87 @@
+"""One adversarial training step of generator + global and local discriminators, in plain PyTorch.
+
+The Ray Train worker wraps the modules in DDP and calls ``GANStep.step`` per batch; tests call it
+directly.  Batches are dicts of tensors:
+  lr (B,3,16,16), hr (B,3,128,128) in [0,1]; landmarks (B,68,2) face pixels; has_landmarks (B,) bool.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from prouigan.discriminators import local_crop_boxes
+from prouigan.landmarks import heatmaps
+from prouigan.losses import LossWeights, VGGFeatures, discriminator_loss, generator_loss
+
+
+class GANStep:
+    def __init__(self, generator: nn.Module, d_global: nn.Module, d_local: nn.Module, weights: LossWeights,
+                 lr_g: float = 2e-4, lr_d: float = 1e-4, heatmap_sigma: float = 1.5,
+                 amp_dtype: torch.dtype | None = None, vgg: VGGFeatures | None = None, grad_clip: float = 1.0):
+        self.g, self.d_global, self.d_local = generator, d_global, d_local
+        self.weights, self.sigma, self.vgg = weights, heatmap_sigma, vgg
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(0.9, 0.99))
+        self.opt_d = torch.optim.Adam([*d_global.parameters(), *d_local.parameters()], lr=lr_d, betas=(0.5, 0.99))
+        self.amp_dtype = amp_dtype
+        self.adversarial = weights.adversarial > 0
+        self.grad_clip = grad_clip  # max gradient norm of G and of the Ds (0: off)
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+
+    def targets(self, batch: dict) -> list[torch.Tensor]:
+        """Ground-truth heatmaps at each stage's prior resolution; zero weight where landmarks are missing."""
+        return [heatmaps(batch["landmarks"], r, self.sigma) for r in (16, 32, 64)]
+
+    def step(self, batch: dict) -> dict[str, float]:
+        lr, hr = batch["lr"], batch["hr"]
+        has_lm = batch.get("has_landmarks")
+        boxes = local_crop_boxes(batch["landmarks"] if has_lm is None or bool(has_lm.all()) else None, len(hr))
+        with self._autocast(hr.device):
+            out = self.g(lr)
+        # discriminators first, on this step's fakes (detached)
+        logs: dict[str, float] = {}
+        if self.adversarial:
+            self.opt_d.zero_grad(set_to_none=True)
+            with self._autocast(hr.device):
+                d_total, d_terms = discriminator_loss(self.d_global, self.d_local, hr, out.final.float(), boxes)
+            d_total.backward()
+            if self.grad_clip:
+                nn.utils.clip_grad_norm_([*self.d_global.parameters(), *self.d_local.parameters()], self.grad_clip)
+            self.opt_d.step()
+            logs.update({k: float(v) for k, v in d_terms.items()})
+        self.opt_g.zero_grad(set_to_none=True)
+        targets = self.targets(batch)
+        if has_lm is not None and not bool(has_lm.all()):
+            keep = has_lm.view(-1, 1, 1, 1).to(targets[0].dtype)
+            out.heatmaps = [h * keep for h in out.heatmaps]
+            targets = [t * keep for t in targets]
+        with self._autocast(hr.device):
+            total, terms = generator_loss(
+                out, hr, targets, self.weights,
+                self.d_global if self.adversarial else None, self.d_local if self.adversarial else None, boxes,
+                self.vgg)
+        # D's parameters get no grad from the G step
+        for d in (self.d_global, self.d_local):
+            d.requires_grad_(False)
+        total.backward()
+        for d in (self.d_global, self.d_local):
+            d.requires_grad_(True)
+        if self.grad_clip:
+            logs["g_grad_norm"] = float(nn.utils.clip_grad_norm_(self.g.parameters(), self.grad_clip))
+        self.opt_g.step()
+        logs.update({k: float(v) for k, v in terms.items()})
+        logs["g_total"] = float(total.detach())
+        return logs
+
+    def state_dict(self) -> dict:
+        return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])

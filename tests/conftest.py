@@ -1,0 +1,80 @@
+"""Shared fixtures: the real faces in ../shared/faces (skipped when absent), the embedded stack on free
+loopback ports (one per test session), small aligned faces for model tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FACES = Path(os.environ.get("PROUIGAN_SHARED_FACES", REPO.parent / "shared" / "faces"))
+
+
+def read_pts(path: Path) -> np.ndarray:
+    body = path.read_text().split("{", 1)[1].split("}", 1)[0].split()
+    return np.array(body, float).reshape(-1, 2)
+
+
+@pytest.fixture(scope="session")
+def shared_faces() -> Path:
+    if not (SHARED_FACES / "helen_train").is_dir():
+        pytest.skip(f"real faces not found at {SHARED_FACES} (research-licensed 300-W sample; a fresh clone "
+                    "has no ../shared/faces — these tests run in CI, where it exists)")
+    return SHARED_FACES
+
+
+def aligned_faces(n: int, seed: int = 0):
+    """n aligned 128x128 faces as (images uint8 (n,128,128,3), landmarks (n,68,2)): real ones from
+    ../shared/faces when present, else synthetic ones."""
+    from PIL import Image
+
+    from prouigan.align import align, keypoints_from_68
+    from prouigan.synthetic import synthetic_face
+
+    imgs, lms = [], []
+    if (SHARED_FACES / "helen_train").is_dir():
+        files = sorted((SHARED_FACES / "helen_train").glob("*.jpg"))
+        rng = np.random.default_rng(seed)
+        for f in rng.choice(files, n, replace=False):
+            lm = read_pts(f.with_suffix(".pts"))
+            a = align(Image.open(f), *keypoints_from_68(lm), landmarks=lm)
+            imgs.append(a.image)
+            lms.append(a.landmarks)
+    else:
+        for i in range(n):
+            img, lm = synthetic_face(seed * 1000 + i)
+            a = align(img, *keypoints_from_68(lm), landmarks=lm)
+            imgs.append(a.image)
+            lms.append(a.landmarks)
+    return np.stack(imgs), np.stack(lms)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The real embedded stack (moto S3, MLflow server, Ray head) on free ports, for this test session."""
+    from prouigan_platform import stack as st
+
+    spec = st.StackSpec(
+        state_dir=tmp_path_factory.mktemp("platform"), s3_port=st.free_port(), mlflow_port=st.free_port(),
+        ray_port=st.free_port(), dashboard_port=st.free_port(), ray_client_port=st.free_port(),
+        ray_num_cpus=4, object_store_mb=512,
+    )
+    st.up(spec)
+    saved = {k: os.environ.get(k) for k in spec.env()}
+    os.environ.update(spec.env())
+    yield spec
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:
+        pass
+    st.down(spec.state_dir)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,198 @@
+"""The generator, the cross-modal attention, the discriminators, the losses and the inference object."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prouigan import (
+    PRESETS,
+    Hallucinator,
+    LossWeights,
+    ProUIGANGenerator,
+    build_discriminators,
+    count_parameters,
+    discriminator_loss,
+    generator_config,
+    generator_loss,
+    save_generator,
+)
+from prouigan.attention import CrossModalAttention
+from prouigan.discriminators import crop, local_crop_boxes
+from prouigan.landmarks import heatmaps
+from prouigan.losses import VGGFeatures
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return ProUIGANGenerator(PRESETS["tiny"])
+
+
+def test_every_stage_has_the_right_shapes(tiny):
+    out = tiny(torch.rand(2, 3, 16, 16))
+    assert [tuple(i.shape) for i in out.images] == [(2, 3, 32, 32), (2, 3, 64, 64), (2, 3, 128, 128)]
+    assert [tuple(h.shape) for h in out.heatmaps] == [(2, 68, 16, 16), (2, 68, 32, 32), (2, 68, 64, 64)]
+    assert all(torch.isfinite(t).all() for t in out.images + out.heatmaps)
+
+
+def test_outputs_stay_near_the_image_range_at_init(tiny):
+    """Each stage adds a residual to the upsampled face, so an untrained net stays near the input's range."""
+    lr = torch.rand(2, 3, 16, 16)
+    out = tiny(lr)
+    for img in out.images:
+        assert img.min() > -0.5 and img.max() < 1.5
+        assert (img.mean() - lr.mean()).abs() < 0.2
+
+
+def test_presets_have_the_documented_sizes():
+    sizes = {name: count_parameters(ProUIGANGenerator(cfg)) for name, cfg in PRESETS.items()}
+    assert sizes["tiny"] < 100_000
+    assert 1_000_000 < sizes["cpu-small"] < 2_000_000
+    assert sizes["gpu-paper"] > 10_000_000
+
+
+def test_gradients_reach_every_parameter_of_g_and_both_ds(tiny):
+    d_g, d_l = build_discriminators("tiny")
+    hr = torch.rand(2, 3, 128, 128)
+    lm = torch.rand(2, 68, 2) * 100 + 14
+    targets = [heatmaps(lm, r, 1.5) for r in (16, 32, 64)]
+    out = tiny(torch.rand(2, 3, 16, 16))
+    boxes = local_crop_boxes(lm, 2)
+    total, terms = generator_loss(out, hr, targets, LossWeights(adversarial=1.0), d_g, d_l, boxes)
+    assert set(terms) == {"pixel", "heatmap", "tv", "adversarial"}
+    tiny.zero_grad()
+    total.backward()
+    missing = [n for n, p in tiny.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    d_g.zero_grad()
+    d_l.zero_grad()
+    d_total, d_terms = discriminator_loss(d_g, d_l, hr, out.final, boxes)
+    d_total.backward()
+    for d in (d_g, d_l):
+        missing = [n for n, p in d.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert missing == []
+    assert set(d_terms) == {"d_global", "d_local"}
+
+
+def test_cross_modal_attention_uses_the_landmark_branch():
+    torch.manual_seed(0)
+    att = CrossModalAttention(face_channels=8, prior_channels=6, dim=4, max_tokens=64)
+    face, prior = torch.randn(2, 8, 16, 16), torch.randn(2, 6, 16, 16)
+    f1, p1 = att(face, prior)
+    f2, _ = att(face, torch.randn(2, 6, 16, 16))
+    assert not torch.allclose(f1, f2, atol=1e-4)  # other landmark features -> other face features
+    # keys really steer the map: changing only the key projection changes the face update
+    with torch.no_grad():
+        att.k.weight.add_(torch.randn_like(att.k.weight))
+    f3, _ = att(face, prior)
+    assert not torch.allclose(f1, f3, atol=1e-4)
+    # and the transposed map enhances the landmark features from the face side
+    _, p2 = att(torch.randn(2, 8, 16, 16), prior)
+    assert not torch.allclose(p1, p2, atol=1e-4)
+
+
+def test_attention_matches_an_explicit_softmax_map():
+    """SDPA in both directions == the written-out map S = QK^T/sqrt(d), softmax one way and the other."""
+    torch.manual_seed(1)
+    att = CrossModalAttention(6, 5, dim=4, max_tokens=10_000, gamma_init=1.0)
+    face, prior = torch.randn(1, 6, 4, 4), torch.randn(1, 5, 4, 4)
+    f, p = att(face, prior)
+    q = att.q(face).flatten(2)[0].T  # (N, d)
+    k = att.k(prior).flatten(2)[0].T  # (M, d)
+    s = q @ k.T / 2.0  # sqrt(4)
+    vf = att.v_face(face).flatten(2)[0].T
+    vp = att.v_prior(prior).flatten(2)[0].T
+    f_ref = face + (torch.softmax(s, 1) @ vp).T.reshape(1, 6, 4, 4)
+    p_ref = prior + (torch.softmax(s.T, 1) @ vf).T.reshape(1, 5, 4, 4)
+    assert torch.allclose(f, f_ref, atol=1e-5) and torch.allclose(p, p_ref, atol=1e-5)
+
+
+def test_keys_are_pooled_at_large_resolutions():
+    att = CrossModalAttention(4, 4, dim=4, max_tokens=1024)
+    assert att.key_grid(64, 64) == (32, 32) and att.key_grid(32, 32) == (32, 32)
+    f, p = att(torch.randn(1, 4, 64, 64), torch.randn(1, 4, 64, 64))
+    assert f.shape == p.shape == (1, 4, 64, 64)
+
+
+def test_local_crops_sit_on_eyes_or_mouth():
+    lm = torch.zeros(1, 68, 2)
+    lm[:, 36:42] = torch.tensor([30.0, 50.0])
+    lm[:, 42:48] = torch.tensor([90.0, 50.0])
+    lm[:, 48:68] = torch.tensor([60.0, 100.0])
+    corners = {tuple(local_crop_boxes(lm, 1, generator=torch.Generator().manual_seed(s))[0].tolist())
+               for s in range(30)}
+    assert corners == {(0, 18), (58, 18), (28, 64)}  # clamped inside the image
+    assert crop(torch.rand(1, 3, 128, 128), torch.tensor([[28, 64]])).shape == (1, 3, 64, 64)
+
+
+def test_perceptual_loss_needs_a_local_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        VGGFeatures(tmp_path / "vgg19.pth")
+
+
+def test_vgg_loader_takes_a_torchvision_style_state_dict(tmp_path):
+    # weights in torchvision's key layout (values random: this tests the loader, not VGG)
+    layers = []
+    ch = 3
+    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]:
+        if v == "M":
+            layers.append(None)
+        else:
+            layers += [torch.nn.Conv2d(ch, v, 3, padding=1), None]
+            ch = v
+    state = {}
+    for i, layer in enumerate(layers):
+        if layer is not None:
+            state[f"features.{i}.weight"] = layer.weight.detach()
+            state[f"features.{i}.bias"] = layer.bias.detach()
+    state["classifier.0.weight"] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / "vgg19.pth")
+    vgg = VGGFeatures(tmp_path / "vgg19.pth")
+    taps = vgg(torch.rand(1, 3, 64, 64))
+    assert [t.shape[1] for t in taps] == [64, 128, 256, 512, 512]
+    out = ProUIGANGenerator(PRESETS["tiny"])(torch.rand(1, 3, 16, 16))
+    _, terms = generator_loss(out, torch.rand(1, 3, 128, 128), [torch.zeros(1, 68, r, r) for r in (16, 32, 64)],
+                              LossWeights(perceptual=1.0, style=1.0), vgg=vgg)
+    assert terms["perceptual"] > 0 and terms["style"] > 0
+
+
+def test_hallucinator_round_trips_a_checkpoint(tmp_path, tiny):
+    save_generator(tiny, tmp_path / "g.pt")
+    h = Hallucinator.load(tmp_path / "g.pt")
+    lr = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = tiny.eval()(lr).final.clamp(0, 1)
+    assert torch.allclose(h(lr, batch_size=2), ref, atol=1e-6)
+    u8 = (lr.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    out = h.to_uint8(u8)
+    assert out.shape == (5, 128, 128, 3) and out.dtype.name == "uint8"
+    run = h.run(lr)
+    assert len(run.images) == 3 and run.heatmaps[-1].shape == (5, 68, 64, 64)
+    with pytest.raises(ValueError, match="16x16"):
+        h(torch.rand(1, 3, 32, 32))
+
+
+def test_hallucinator_rejects_other_files(tmp_path):
+    torch.save({"weights": 1}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a Pro-UIGAN generator checkpoint"):
+        Hallucinator.load(tmp_path / "x.pt")
+
+
+def test_external_frozen_prior_replaces_the_learned_one():
+    class Prior(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 68, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    cfg = generator_config("tiny")
+    g_ext = ProUIGANGenerator(cfg, external_prior=Prior())
+    assert not any(p.requires_grad for p in g_ext.external_prior.parameters())
+    g_plain = ProUIGANGenerator(cfg)
+    g_plain.load_state_dict({k: v for k, v in g_ext.state_dict().items() if not k.startswith("external_prior")})
+    lr = torch.rand(1, 3, 16, 16)
+    assert not torch.allclose(g_ext(lr).final, g_plain(lr).final)

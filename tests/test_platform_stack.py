@@ -1,0 +1,129 @@
+"""The embedded platform stack, as real processes on loopback: health, S3 through boto3 and pyarrow, a Ray
+task on the head, MLflow REST + UI, idempotent `up`, clean `down`, data surviving down + up, busy ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import psutil
+import pytest
+from prouigan_platform import stack as st
+
+pytestmark = pytest.mark.stack
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers.get("Content-Type", ""), r.read().decode(errors="replace")
+
+
+def test_every_service_is_healthy(stack):
+    rows = st.status(stack.state_dir)
+    assert [r["service"] for r in rows] == ["s3", "mlflow", "ray"]
+    assert all(r["running"] and r["healthy"] for r in rows), rows
+
+
+def test_mlflow_rest_answers_and_ui_is_html(stack):
+    code, ctype, body = _get(f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    assert code == 200 and json.loads(body)["experiment"]["name"] == "Default"
+    code, ctype, body = _get(f"{stack.mlflow_uri}/")
+    assert code == 200 and "text/html" in ctype and "<html" in body.lower()
+
+
+def test_object_written_with_boto3_reads_back_with_pyarrow(stack):
+    from prouigan_platform.storage import boto3_client, read_bytes
+
+    boto3_client().put_object(Bucket=stack.bucket, Key="tests/hello.bin", Body=b"\x00pro-uigan\xff")
+    assert read_bytes(f"s3://{stack.bucket}/tests/hello.bin") == b"\x00pro-uigan\xff"
+
+
+def test_ray_task_runs_on_the_local_head(stack):
+    import ray
+
+    ray.init(address=stack.ray_address, log_to_driver=False)
+    try:
+        node = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())
+        head = [n for n in ray.nodes() if n["Alive"]]
+        assert len(head) == 1 and node == head[0]["NodeID"]
+        # the stack's environment reaches Ray workers (they must find MLflow and S3)
+        env = ray.get(ray.remote(lambda: os.environ.get("MLFLOW_TRACKING_URI")).remote())
+        assert env == stack.mlflow_uri
+    finally:
+        ray.shutdown()
+
+
+def test_up_twice_starts_nothing_twice(stack):
+    before = {r["service"]: r["pid"] for r in st.status(stack.state_dir)}
+    lines: list[str] = []
+    st.up(st.StackSpec(state_dir=stack.state_dir), log=lines.append)
+    after = {r["service"]: r["pid"] for r in st.status(stack.state_dir)}
+    assert before == after
+    already = [s for s in st.SERVICES if any(line.startswith(f"{s}: already running") for line in lines)]
+    assert already == list(st.SERVICES)
+
+
+def test_hello_pipeline_logs_a_run_with_an_artifact_in_the_bucket(stack):
+    env = {**os.environ, **stack.env()}
+    out = subprocess.run([sys.executable, "-m", "pipelines.hello", "--config", "smoke",
+                          "tracking.experiment=hello-test"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sum of squares = 140" in out.stdout
+    import mlflow
+    from prouigan_platform.storage import boto3_client
+
+    client = mlflow.MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("hello-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].data.params["train.steps"] == "4"
+    keys = [o["Key"] for o in boto3_client().list_objects_v2(
+        Bucket=stack.bucket, Prefix=f"mlflow-artifacts/{exp.experiment_id}/{runs[0].info.run_id}/")["Contents"]]
+    assert any(k.endswith("/hello.txt") for k in keys) and any(k.endswith("/config.yaml") for k in keys)
+
+
+def test_a_taken_port_gives_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", "platform", "up",
+                              "--state-dir", str(tmp_path), "--s3-port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"port {port}" in out.stderr and "already in use" in out.stderr
+    assert not any(r["running"] for r in st.status(tmp_path))
+
+
+def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
+    """Its own stack: stopped and started again."""
+    import mlflow
+    from prouigan_platform.storage import boto3_client
+
+    spec = st.StackSpec(state_dir=tmp_path / "state", s3_port=st.free_port(), mlflow_port=st.free_port(),
+                        ray_port=st.free_port(), dashboard_port=st.free_port(), ray_client_port=st.free_port(),
+                        ray_num_cpus=2, object_store_mb=256)
+    saved = dict(os.environ)
+    try:
+        st.up(spec, log=lambda *_: None)
+        os.environ.update(spec.env())
+        boto3_client().put_object(Bucket=spec.bucket, Key="keep/me.txt", Body=b"still here")
+        exp_id = mlflow.MlflowClient(spec.mlflow_uri).create_experiment("survives")
+        pids = st.stack_pids(spec.state_dir)
+        assert len(pids) >= 5  # moto, mlflow (+ its worker), ray start, gcs, raylet, ...
+        st.down(spec.state_dir, log=lambda *_: None)
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert alive == []
+        assert not any(r["running"] for r in st.status(spec.state_dir))
+
+        st.up(spec, log=lambda *_: None)
+        assert boto3_client().get_object(Bucket=spec.bucket, Key="keep/me.txt")["Body"].read() == b"still here"
+        assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "survives"
+    finally:
+        st.down(spec.state_dir, log=lambda *_: None)
+        os.environ.clear()
+        os.environ.update(saved)
