@@ -1,7 +1,7 @@
 """`make demo`: the whole platform on one machine, end to end.
 
-    platform up -> resolve the demo config -> sample faces -> a Ray job and an MLflow run with artifacts in
-    the S3 bucket -> platform status
+    platform up -> resolve the demo config -> shard the faces into the S3 bucket (Ray Data) -> a Ray job and
+    an MLflow run with artifacts in the S3 bucket -> platform status
 
 Real faces from ../shared/faces when that folder exists, procedural ones otherwise (it says which).
 """
@@ -35,6 +35,7 @@ def main() -> int:
         overrides.append("data.sources=[{kind: synthetic, count: 200}]")
     _step("stack up", ["platform", "up"])
     _step("resolved config", ["config", "--config", "demo", *overrides])
+    _step("shard faces into s3://prouigan/datasets/demo", ["shard", "--config", "demo", *overrides])
     _step("ray job + mlflow run", ["hello", "--config", "demo", *overrides])
     _step("stack status", ["platform", "status"])
     print("\ndemo: done. Stop the stack with `prouigan platform down` (data stays in .platform/).")

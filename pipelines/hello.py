@@ -29,6 +29,7 @@ def _square(i: int) -> tuple[int, str, int]:
 def run(args) -> int:
     import mlflow
     import ray
+
     from prouigan_platform.cli import config_from_args
     from prouigan_platform.runtime import init_ray, require_env, use_embedded_stack
     from prouigan_platform.tracking import start_run

@@ -1,16 +1,23 @@
 """Pro-UIGAN: progressive face hallucination and inpainting from occluded 16x16 thumbnails (plain PyTorch).
 
 Zhang, Yu, Lu, Liu (2021), arXiv:2108.00602.  This package never imports Ray, MLflow, boto3 or pyarrow.
+The names below load on first use, so the numpy-only modules (align, occlusion, synthetic) stay light in
+data-loading processes that never touch torch.
 """
 
-from prouigan.discriminators import PatchDiscriminator, build_discriminators
-from prouigan.generator import GeneratorOutput, ProUIGANGenerator, count_parameters
-from prouigan.inference import Hallucinator, save_generator
-from prouigan.losses import LossWeights, discriminator_loss, generator_loss
-from prouigan.presets import PRESETS, GeneratorConfig, generator_config
+from importlib import import_module
 
-__all__ = [
-    "PRESETS", "GeneratorConfig", "GeneratorOutput", "Hallucinator", "LossWeights", "PatchDiscriminator",
-    "ProUIGANGenerator", "build_discriminators", "count_parameters", "discriminator_loss", "generator_config",
-    "generator_loss", "save_generator",
-]
+_EXPORTS = {
+    "PatchDiscriminator": "discriminators", "build_discriminators": "discriminators",
+    "GeneratorOutput": "generator", "ProUIGANGenerator": "generator", "count_parameters": "generator",
+    "Hallucinator": "inference", "save_generator": "inference",
+    "LossWeights": "losses", "discriminator_loss": "losses", "generator_loss": "losses",
+    "PRESETS": "presets", "GeneratorConfig": "presets", "generator_config": "presets",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"prouigan.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'prouigan' has no attribute {name!r}")

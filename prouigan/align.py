@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from prouigan.landmarks import LEFT_EYE, RIGHT_EYE
+from prouigan.ibug import LEFT_EYE, RIGHT_EYE
 
 
 @dataclass
@@ -104,13 +104,18 @@ def align(image: np.ndarray | Image.Image, eye_left, eye_right, mouth_left, mout
         new = (max(1, int(round(w / shrink))), max(1, int(round(h / shrink))))
         img = np.asarray(Image.fromarray(img).resize(new, Image.LANCZOS))
         q = q * [new[0] / w, new[1] / h]
-    # pad where the square leaves the photo
+    # crop to the square's bounding box (+ a border), then pad only what lies outside the photo (as FFHQ does:
+    # the blur and the median then cost the size of the face, not of the photo)
     h, w = img.shape[:2]
     border = max(int(np.rint(np.hypot(*(q[3] - q[0])) * 0.1)), 3)
-    lo, hi = np.floor(q.min(0)).astype(int), np.ceil(q.max(0)).astype(int)
-    pad = tuple(int(max(v, 0)) for v in (-lo[0] + border, -lo[1] + border, hi[0] - w + border, hi[1] - h + border))
-    padded = bool(lo[0] < 0 or lo[1] < 0 or hi[0] > w or hi[1] > h)
-    if padded:
+    lo = np.floor(q.min(0)).astype(int) - border
+    hi = np.ceil(q.max(0)).astype(int) + border
+    padded = bool((q.min(0) < 0).any() or q.max(0)[0] > w or q.max(0)[1] > h)
+    x0, y0, x1, y1 = max(lo[0], 0), max(lo[1], 0), min(hi[0], w), min(hi[1], h)
+    img = img[y0:y1, x0:x1]
+    q = q - [x0, y0]
+    pad = tuple(int(v) for v in (max(-lo[0], 0), max(-lo[1], 0), max(hi[0] - w, 0), max(hi[1] - h, 0)))
+    if any(pad):
         img = _pad_reflect_blur(img, pad)
         q = q + [pad[0], pad[1]]
     out = Image.fromarray(img).transform((size, size), Image.QUAD, tuple((q + 0.0).flatten()), Image.BICUBIC)

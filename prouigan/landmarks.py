@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from prouigan.ibug import LEFT_EYE, MOUTH, OUTER_EYE_CORNERS, RIGHT_EYE
+
 FACE_SIZE = 128
-LEFT_EYE = list(range(36, 42))  # image-left eye (the subject's right)
-RIGHT_EYE = list(range(42, 48))
-MOUTH = list(range(48, 68))
-OUTER_EYE_CORNERS = (36, 45)  # 300-W's inter-ocular normalisation
+__all__ = ["FACE_SIZE", "LEFT_EYE", "MOUTH", "OUTER_EYE_CORNERS", "RIGHT_EYE", "from_grid", "heatmaps", "interocular",
+           "nme", "soft_argmax", "to_grid"]
 
 
 def to_grid(points: torch.Tensor, res: int, size: int = FACE_SIZE) -> torch.Tensor:

@@ -93,6 +93,17 @@ class VGGFeatures(nn.Module):
         return taps
 
 
+def perceptual_network(weights: LossWeights, vgg_path: str | Path | None) -> tuple[VGGFeatures | None, str]:
+    """The VGG for the perceptual/style terms, and a line saying whether they are on.  Without a local weights
+    file they are OFF (never a random-weights "perceptual" loss); a path that does not exist is an error."""
+    if weights.perceptual <= 0 and weights.style <= 0:
+        return None, "perceptual/style losses: off (weights 0)"
+    if vgg_path is None:
+        return None, ("perceptual/style losses: OFF — no local VGG19 weights given (loss.vgg_weights); "
+                      "nothing is downloaded, so these terms are skipped")
+    return VGGFeatures(vgg_path), f"perceptual/style losses: on (VGG19 from {vgg_path})"
+
+
 def gram(f: torch.Tensor) -> torch.Tensor:
     b, c, h, w = f.shape
     f = f.reshape(b, c, h * w)

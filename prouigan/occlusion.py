@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prouigan.landmarks import LEFT_EYE, MOUTH, RIGHT_EYE
+from prouigan.ibug import LEFT_EYE, MOUTH, RIGHT_EYE
 
 KINDS = ("random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes")
 NEEDS_LANDMARKS = {"sunglasses", "mask", "hand"}

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from prouigan_platform.config import Config, ConfigError, load_config
 
+from prouigan_platform.config import Config, ConfigError, load_config
 from tests.conftest import REPO
 
 

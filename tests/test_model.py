@@ -20,7 +20,7 @@ from prouigan import (
 from prouigan.attention import CrossModalAttention
 from prouigan.discriminators import crop, local_crop_boxes
 from prouigan.landmarks import heatmaps
-from prouigan.losses import VGGFeatures
+from prouigan.losses import VGGFeatures, perceptual_network
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,11 @@ def test_local_crops_sit_on_eyes_or_mouth():
 def test_perceptual_loss_needs_a_local_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         VGGFeatures(tmp_path / "vgg19.pth")
+    vgg, msg = perceptual_network(LossWeights(perceptual=0.1), None)
+    assert vgg is None and "OFF" in msg and "nothing is downloaded" in msg
+    assert perceptual_network(LossWeights(), None)[0] is None
+    with pytest.raises(FileNotFoundError):
+        perceptual_network(LossWeights(style=1.0), tmp_path / "missing.pth")
 
 
 def test_vgg_loader_takes_a_torchvision_style_state_dict(tmp_path):

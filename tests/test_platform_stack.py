@@ -12,6 +12,7 @@ import urllib.request
 
 import psutil
 import pytest
+
 from prouigan_platform import stack as st
 
 pytestmark = pytest.mark.stack
@@ -45,6 +46,7 @@ def test_object_written_with_boto3_reads_back_with_pyarrow(stack):
 def test_ray_task_runs_on_the_local_head(stack):
     import ray
 
+    ray.shutdown()  # a connection left by an earlier test module; this test connects by address itself
     ray.init(address=stack.ray_address, log_to_driver=False)
     try:
         node = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())
@@ -75,6 +77,7 @@ def test_hello_pipeline_logs_a_run_with_an_artifact_in_the_bucket(stack):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sum of squares = 140" in out.stdout
     import mlflow
+
     from prouigan_platform.storage import boto3_client
 
     client = mlflow.MlflowClient(stack.mlflow_uri)
@@ -102,6 +105,7 @@ def test_a_taken_port_gives_a_clear_error(tmp_path):
 def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
     """Its own stack: stopped and started again."""
     import mlflow
+
     from prouigan_platform.storage import boto3_client
 
     spec = st.StackSpec(state_dir=tmp_path / "state", s3_port=st.free_port(), mlflow_port=st.free_port(),
@@ -111,6 +115,7 @@ def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
     try:
         st.up(spec, log=lambda *_: None)
         os.environ.update(spec.env())
+        boto3_client().put_object(Bucket=spec.bucket, Key="keep/", Body=b"")  # a folder marker beside data
         boto3_client().put_object(Bucket=spec.bucket, Key="keep/me.txt", Body=b"still here")
         exp_id = mlflow.MlflowClient(spec.mlflow_uri).create_experiment("survives")
         pids = st.stack_pids(spec.state_dir)

@@ -15,6 +15,7 @@ from prouigan_platform.config import ConfigError, load_config
 PIPELINES = {
     "hello": "pipelines.hello",
     "synth": "pipelines.synth",
+    "shard": "pipelines.shard",
 }
 
 
@@ -45,6 +46,7 @@ def _platform_parser(sub) -> None:
     p.add_argument("--object-store-mb", type=int, default=d.object_store_mb)
     p.add_argument("--bucket", default=d.bucket)
     p.add_argument("--json", action="store_true", help="status as JSON")
+    p.add_argument("--force", action="store_true", help="down: stop the S3 server even if its data cannot be saved")
 
 
 def _run_platform(args: argparse.Namespace) -> int:
@@ -61,7 +63,7 @@ def _run_platform(args: argparse.Namespace) -> int:
         stack.up(spec)
         return 0
     if args.action == "down":
-        stack.down(state_dir)
+        stack.down(state_dir, force=args.force)
         return 0
     if args.action == "env":
         spec, _ = stack.load_state(state_dir)

@@ -191,7 +191,7 @@ def _command(name: str, spec: StackSpec) -> list[str]:
 
 def _healthy(name: str, spec: StackSpec) -> bool:
     if name == "s3":
-        return _http_ok(f"{spec.s3_endpoint}/moto-api/data.json")
+        return _http_ok(f"{spec.s3_endpoint}/")  # ListBuckets: cheap (moto-api/data.json dumps every object)
     if name == "mlflow":
         return _http_ok(f"{spec.mlflow_uri}/health")
     if name == "ray":
@@ -245,6 +245,8 @@ def _s3_snapshot(spec: StackSpec, log) -> None:
         (tmp / b["Name"]).mkdir()
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=b["Name"]):
             for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):  # a "folder" marker some clients write; not data
+                    continue
                 dest = tmp / b["Name"] / obj["Key"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(b["Name"], obj["Key"], str(dest))
@@ -344,7 +346,7 @@ def stack_pids(state_dir: Path) -> set[int]:
     return pids
 
 
-def down(state_dir: Path, log=print, timeout_s: float = 30.0) -> None:
+def down(state_dir: Path, log=print, timeout_s: float = 30.0, force: bool = False) -> None:
     """Stop exactly the processes ``up`` started (and their children); keep all data on disk."""
     spec, services = load_state(Path(state_dir))
     if spec is None:
@@ -359,8 +361,12 @@ def down(state_dir: Path, log=print, timeout_s: float = 30.0) -> None:
         if name == "s3":
             try:
                 _s3_snapshot(spec, log)
-            except Exception as e:  # the data of a broken server cannot be saved; say so, still stop it
-                log(f"s3: WARNING could not snapshot objects ({e}); objects written since the last down are lost")
+            except Exception as e:
+                if not force:
+                    raise StackError(f"s3: could not save the bucket contents ({type(e).__name__}: {e}); the S3 "
+                                     "server is left running so nothing is lost. Fix the cause, or "
+                                     "`prouigan platform down --force` to stop it and lose unsaved objects") from e
+                log(f"s3: WARNING could not snapshot objects ({e}); --force: unsaved objects are lost")
         # SIGTERM the service's main process first so it can stop its own children (ray start --block
         # tears down GCS, raylet and workers); then whatever of the tree is left gets SIGTERM, then SIGKILL.
         tree = [proc, *proc.children(recursive=True)]

@@ -58,7 +58,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     (On S3 a single PUT is already atomic; the move keeps one code path for both.)"""
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
+    if not is_s3(uri):  # object stores have no folders; creating markers only litters the bucket
+        fs.create_dir(parent, recursive=True)
     tmp = f"{parent}/_tmp.{os.getpid()}.{path.rsplit('/', 1)[-1]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)

@@ -1,0 +1,205 @@
+"""One input -> aligned 128x128 face rows, or quarantine rows with a reason.  No input is lost silently.
+
+``process_record`` is a pure function of the record and the data settings; Ray Data maps it over the
+listing (and the benchmark's plain loop runs the same function).  Every row has the same fields, so
+accepted and quarantined rows share one Arrow schema:
+  key, input (the record's key), source, split, status ("ok" | "quarantined"), reason, note, origin,
+  fingerprint, native_side, png, meta
+Quarantine reasons: empty_file, truncated_image, corrupt_image, unreadable_file, image_too_small,
+missing_landmarks, bad_landmarks, landmarks_outside_image, no_face_found, low_resolution, duplicate_key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+
+import numpy as np
+from PIL import Image
+
+from prouigan.align import align, keypoints_from_5, keypoints_from_68
+
+MIN_IMAGE_SIDE = 32  # below this an image cannot hold a usable face at all
+OUTSIDE_MARGIN = 0.25  # landmarks may stray this fraction of the image beyond its border (cropped faces)
+
+
+class Quarantine(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
+    """train/val/test from a hash of the key: stable when data is added, the same on every machine."""
+    u = int.from_bytes(hashlib.sha256(f"split:{key}".encode()).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def decode_image(data: bytes) -> tuple[np.ndarray, str]:
+    """bytes -> (H, W, 3) uint8 RGB and a note saying what was converted ("" when nothing was)."""
+    if not data:
+        raise Quarantine("empty_file", "zero-byte file")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except OSError as e:
+        if "truncated" in str(e).lower():
+            raise Quarantine("truncated_image", str(e)) from None
+        raise Quarantine("corrupt_image", f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # PIL raises a zoo of errors on hostile bytes
+        raise Quarantine("corrupt_image", f"{type(e).__name__}: {e}") from None
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im), ""
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, 2), f"converted from 16-bit greyscale ({mode})"
+    if mode == "P":
+        im = im.convert("RGBA")
+        mode = "P+RGBA"
+    if im.mode in ("RGBA", "LA", "PA") or "A" in im.mode:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat = Image.alpha_composite(white, rgba).convert("RGB")
+        return np.asarray(flat), f"alpha flattened onto white (from {mode})"
+    if mode in ("L", "1"):
+        return np.asarray(im.convert("RGB")), "converted from greyscale"
+    if mode == "CMYK":
+        return np.asarray(im.convert("RGB")), "converted from CMYK"
+    return np.asarray(im.convert("RGB")), f"converted from {mode}"
+
+
+def parse_pts(text: str) -> np.ndarray:
+    """A 300-W .pts file -> (N, 2).  Raises Quarantine(bad_landmarks) on anything malformed."""
+    if "{" not in text or "}" not in text:
+        raise Quarantine("bad_landmarks", "no '{ ... }' block in the .pts file")
+    body = text.split("{", 1)[1].split("}", 1)[0].split()
+    try:
+        vals = np.array([float(v) for v in body], np.float64)
+    except ValueError:
+        raise Quarantine("bad_landmarks", "non-numeric point values") from None
+    if len(vals) % 2:
+        raise Quarantine("bad_landmarks", f"odd number of coordinates ({len(vals)})")
+    pts = vals.reshape(-1, 2)
+    declared = [line for line in text.split("{", 1)[0].splitlines() if line.strip().startswith("n_points")]
+    if declared:
+        try:
+            n = int(declared[0].split(":", 1)[1])
+        except ValueError:
+            raise Quarantine("bad_landmarks", f"unreadable header line {declared[0]!r}") from None
+        if n != len(pts):
+            raise Quarantine("bad_landmarks", f"header says {n} points, file has {len(pts)}")
+    return pts
+
+
+def _check_points(pts: np.ndarray, expected: int, w: int, h: int) -> None:
+    if len(pts) != expected:
+        raise Quarantine("bad_landmarks", f"expected {expected} points, got {len(pts)}")
+    if not np.isfinite(pts).all():
+        raise Quarantine("bad_landmarks", "NaN or infinite point values")
+    mx, my = OUTSIDE_MARGIN * w, OUTSIDE_MARGIN * h
+    out = (pts[:, 0] < -mx) | (pts[:, 0] > w + mx) | (pts[:, 1] < -my) | (pts[:, 1] > h + my)
+    if out.any():
+        raise Quarantine("landmarks_outside_image",
+                         f"{int(out.sum())} point(s) far outside the {w}x{h} image, "
+                         f"e.g. {pts[out][0].round(1).tolist()}")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise Quarantine("unreadable_file", f"{type(e).__name__}: {e.strerror or e}") from None
+
+
+def _row(record: dict, status: str, reason: str = "", note: str = "", key: str | None = None, split: str = "",
+         native: float = math.nan, png: bytes = b"", meta: bytes = b"") -> dict:
+    return {"key": key or record["key"], "input": record["key"], "source": record["source"], "split": split,
+            "status": status,
+            "reason": reason, "note": note, "origin": record.get("image") or f"synthetic seed {record.get('seed')}",
+            "fingerprint": record["fingerprint"], "native_side": float(native), "png": png, "meta": meta}
+
+
+def quarantine_row(record: dict, reason: str, detail: str = "") -> dict:
+    return _row(record, "quarantined", reason=reason, note=detail)
+
+
+def _faces(record: dict) -> tuple[np.ndarray, str, list[tuple[str, np.ndarray | None, np.ndarray | None]]]:
+    """(image, note, [(key, landmarks68 or None, points5 or None), ...]) for one record."""
+    kind = record["kind"]
+    if kind == "synthetic":
+        from prouigan.synthetic import synthetic_face
+
+        img, lm = synthetic_face(int(record["seed"]))
+        return np.asarray(img), "", [(record["key"], lm, None)]
+    if record.get("problem"):
+        raise Quarantine("bad_landmarks", record["problem"])
+    img, note = decode_image(_read(record["image"]))
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise Quarantine("image_too_small", f"{w}x{h} pixels (need at least {MIN_IMAGE_SIDE} on each side)")
+    if kind == "300w":
+        if not record.get("pts"):
+            raise Quarantine("missing_landmarks", "no .pts file beside the image")
+        try:
+            text = _read(record["pts"]).decode("utf-8", errors="replace")
+        except Quarantine as q:
+            raise Quarantine("missing_landmarks", q.detail) from None
+        pts = parse_pts(text)
+        _check_points(pts, 68, w, h)
+        return img, note, [(record["key"], pts, None)]
+    if kind == "celeba":
+        pts5 = np.asarray(record["points5"], np.float64).reshape(-1, 2)
+        _check_points(pts5, 5, w, h)
+        return img, note, [(record["key"], None, pts5)]
+    if kind == "photos":
+        from prouigan_platform.dataset.labeler import detect_faces
+
+        faces = detect_faces(img)
+        if not faces:
+            raise Quarantine("no_face_found", "dlib's detector found no face")
+        return img, note, [(f"{record['key']}_f{i}", lm, None) for i, lm in enumerate(faces)]
+    raise ValueError(f"unknown source kind {kind!r}")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def process_record(record: dict, min_native_px: int = 128, val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, size: int = 128) -> list[dict]:
+    """Every face of one input, accepted (aligned PNG + JSON meta) or quarantined (reason + detail)."""
+    try:
+        img, note, faces = _faces(record)
+    except Quarantine as q:
+        return [quarantine_row(record, q.reason, q.detail)]
+    rows = []
+    for key, lm68, pts5 in faces:
+        kp = keypoints_from_68(lm68) if lm68 is not None else keypoints_from_5(pts5)
+        aligned = align(img, *kp, landmarks=lm68 if lm68 is not None else pts5, size=size)
+        if aligned.native_side < min_native_px:
+            rows.append(_row(record, "quarantined", "low_resolution",
+                             f"face square is {aligned.native_side:.0f} px in the photo (< {min_native_px})", key=key,
+                             native=aligned.native_side))
+            continue
+        split = record.get("split") or assign_split(key, val_fraction, test_fraction)
+        meta = {
+            "key": key, "source": record["source"], "split": split, "origin": record.get("image"),
+            "landmarks68": None if lm68 is None else np.round(aligned.landmarks, 3).tolist(),
+            "points5": None if pts5 is None else np.round(aligned.landmarks, 3).tolist(),
+            "native_side": round(aligned.native_side, 2), "padded": aligned.padded, "note": note,
+        }
+        rows.append(_row(record, "ok", note=note, key=key, split=split, native=aligned.native_side,
+                         png=encode_png(aligned.image), meta=json.dumps(meta).encode()))
+    return rows

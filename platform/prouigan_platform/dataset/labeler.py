@@ -1,0 +1,65 @@
+"""Face detection and 68-point labelling with dlib (the optional ``eval`` extra).
+
+dlib's 68-point predictor (shape_predictor_68_face_landmarks.dat) is licensed for non-commercial use only;
+its face detector (HOG) ships with dlib itself.  The model files come from the ``face-recognition-models``
+package, located without importing it (its import needs ``pkg_resources``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+EXTRA_HINT = "pip install -e '.[eval]'  (dlib-bin + face-recognition-models)"
+
+
+class DlibMissing(RuntimeError):
+    pass
+
+
+def require_dlib():
+    try:
+        import dlib
+    except ImportError as e:
+        raise DlibMissing(f"face detection and landmark labelling need dlib from the optional 'eval' extra: "
+                          f"{EXTRA_HINT} ({e})") from None
+    return dlib
+
+
+def model_dir() -> Path:
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise DlibMissing(f"the dlib model files (face-recognition-models) are not installed: {EXTRA_HINT}")
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+@lru_cache(maxsize=1)
+def _detector():
+    return require_dlib().get_frontal_face_detector()
+
+
+@lru_cache(maxsize=1)
+def _predictor():
+    dlib = require_dlib()
+    return dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+
+
+def detect_faces(rgb: np.ndarray, upsample: int = 1) -> list[np.ndarray]:
+    """Every face dlib's HOG detector finds, as (68, 2) landmarks, largest first."""
+    import dlib
+
+    img = np.ascontiguousarray(rgb, dtype=np.uint8)
+    dets = sorted(_detector()(img, upsample), key=lambda r: -r.area())
+    return [landmarks_in_box(img, (d.left(), d.top(), d.right(), d.bottom())) for d in dets
+            if isinstance(d, dlib.rectangle)]
+
+
+def landmarks_in_box(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """dlib's 68 points for the face in ``box`` (left, top, right, bottom)."""
+    import dlib
+
+    shape = _predictor()(np.ascontiguousarray(rgb, dtype=np.uint8), dlib.rectangle(*map(int, box)))
+    return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)

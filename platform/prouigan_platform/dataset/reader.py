@@ -1,0 +1,149 @@
+"""The training reader: streams a dataset version's shards and makes training examples on the fly.
+
+Each Ray Train worker (rank r of w) and each of its DataLoader processes reads a disjoint part: whole shards
+when there are enough of them, else a hash of the sample key picks the reader.  Train examples get a random
+occlusion (from ``prouigan.occlusion``) and degradation every time they are read, through a shuffle buffer;
+val/test examples get the occlusion seeded by their key, identical on every run and machine.  Occlusions are
+never baked into the shards.  A corrupt or truncated shard is skipped with a warning and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from prouigan.degradation import degrade
+from prouigan.occlusion import seed_from_key, synthesize
+from prouigan_platform.config import DataConfig
+from prouigan_platform.dataset import manifest as mf
+
+log = logging.getLogger(__name__)
+
+
+def _owner(key: str, n: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"reader:{key}".encode()).digest()[:4], "big") % n
+
+
+def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, occlude: bool = True) -> dict:
+    """A shard sample (png + json bytes) -> tensors: lr (3,16,16), hr (3,128,128), mask (1,128,128),
+    landmarks (68,2) face pixels (zeros when the source had none), has_landmarks, key."""
+    hr = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), np.float32) / 255.0
+    meta = json.loads(sample["json"])
+    lm = meta.get("landmarks68")
+    lm_arr = np.asarray(lm, np.float32) if lm is not None else None
+    if occlude and rng.random() < data.occlusion.probability:
+        occ = synthesize(rng, lm_arr, data.occlusion.kinds, tuple(data.occlusion.coverage), size=hr.shape[0])
+        occluded, mask = occ.apply(hr), occ.mask
+    else:
+        occluded, mask = hr, np.zeros(hr.shape[:2], np.float32)
+    lr = degrade(torch.from_numpy(np.ascontiguousarray(occluded)).permute(2, 0, 1), rng,
+                 data.degradation.noise_std, data.degradation.jpeg_quality)
+    return {
+        "lr": lr,
+        "hr": torch.from_numpy(hr.copy()).permute(2, 0, 1),
+        "mask": torch.from_numpy(mask.copy())[None],
+        "landmarks": torch.from_numpy(lm_arr if lm_arr is not None else np.zeros((68, 2), np.float32)),
+        "has_landmarks": torch.tensor(lm_arr is not None),
+        "key": meta["key"],
+    }
+
+
+class FaceShards(torch.utils.data.IterableDataset):
+    """Examples of one split of a dataset version, for reader ``rank`` of ``world_size``.
+
+    ``epochs=None`` loops forever (training); val/test default to one pass in a fixed order.
+    """
+
+    def __init__(self, manifest: dict | str, split: str, data: DataConfig, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epochs: int | None = 1, shuffle: bool | None = None, limit: int | None = None):
+        super().__init__()
+        self.manifest = mf.load(manifest) if isinstance(manifest, str) else manifest
+        if split not in mf.SPLITS:
+            raise ValueError(f"unknown split '{split}'; known: {', '.join(mf.SPLITS)}")
+        self.split, self.data, self.rank, self.world_size = split, data, rank, world_size
+        self.seed, self.epochs, self.limit = seed, epochs, limit
+        self.train = split == "train"
+        self.shuffle = self.train if shuffle is None else shuffle
+        self.shards = mf.shard_uris(self.manifest, split)
+        self.stale = {(name, k) for name, keys in self.manifest.get("superseded", {}).items() for k in keys}
+        self.stats = {"samples": 0, "bad_shards": 0, "bad_samples": 0}
+
+    def __len__(self) -> int:
+        return self.manifest["counts"][self.split]
+
+    def _reader_id(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * n_workers + worker, self.world_size * n_workers
+
+    def _shard_samples(self, uri: str) -> Iterator[dict]:
+        name = uri.rsplit("/", 1)[-1]
+        try:
+            for s in mf.read_shard(uri):
+                if (name, s["__key__"]) not in self.stale:
+                    yield s
+        except Exception as e:  # truncated or corrupt tar: keep what was read, skip the rest
+            self.stats["bad_shards"] += 1
+            msg = f"skipping the rest of shard {uri}: {type(e).__name__}: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+
+    def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
+        shards = list(self.shards)
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch]).shuffle(shards)
+        if len(self.shards) >= readers:
+            for uri in shards[reader::readers]:
+                yield from self._shard_samples(uri)
+        else:  # fewer shards than readers: everyone streams every shard and keeps its own keys
+            for uri in shards:
+                for s in self._shard_samples(uri):
+                    if _owner(s["__key__"], readers) == reader:
+                        yield s
+
+    def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        size = self.data.shuffle_buffer
+        if not self.shuffle or size <= 1:
+            yield from it
+            return
+        buf: list[dict] = []
+        for s in it:
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            i = int(rng.integers(len(buf)))
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = self._reader_id()
+        epoch, n = 0, 0
+        while self.epochs is None or epoch < self.epochs:
+            rng = np.random.default_rng([self.seed, epoch, reader])
+            for s in self._shuffled(self._samples(epoch, reader, readers), rng):
+                ex_rng = rng if self.train else np.random.default_rng(seed_from_key(s["__key__"]))
+                try:
+                    ex = make_example(s, ex_rng, self.data, occlude=True)
+                except Exception as e:
+                    self.stats["bad_samples"] += 1
+                    warnings.warn(f"skipping sample {s.get('__key__')}: {type(e).__name__}: {e}", RuntimeWarning,
+                                  stacklevel=2)
+                    continue
+                self.stats["samples"] += 1
+                yield ex
+                n += 1
+                if self.limit is not None and n >= self.limit:
+                    return
+            epoch += 1
+            if n == 0:
+                return  # nothing readable for this reader: do not spin forever
