@@ -137,7 +137,11 @@ def generator_loss(out, hr: torch.Tensor, target_heatmaps: list[torch.Tensor], w
 def discriminator_loss(d_global: nn.Module, d_local: nn.Module | None, real: torch.Tensor, fake: torch.Tensor,
                        boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     fake = fake.detach()
-    terms = {"d_global": lsgan_discriminator(d_global(real), d_global(fake))}
+    n = len(real)
+    # one forward per discriminator over [real; fake]: a single use per step keeps DDP's reducer simple
+    scores = d_global(torch.cat([real, fake]))
+    terms = {"d_global": lsgan_discriminator(scores[:n], scores[n:])}
     if d_local is not None and boxes is not None:
-        terms["d_local"] = lsgan_discriminator(d_local(crop(real, boxes)), d_local(crop(fake, boxes)))
+        scores = d_local(torch.cat([crop(real, boxes), crop(fake, boxes)]))
+        terms["d_local"] = lsgan_discriminator(scores[:n], scores[n:])
     return sum(terms.values()), {k: v.detach() for k, v in terms.items()}

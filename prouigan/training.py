@@ -17,6 +17,10 @@ from prouigan.landmarks import heatmaps
 from prouigan.losses import LossWeights, VGGFeatures, discriminator_loss, generator_loss
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
 class GANStep:
     def __init__(self, generator: nn.Module, d_global: nn.Module, d_local: nn.Module, weights: LossWeights,
                  lr_g: float = 2e-4, lr_d: float = 1e-4, heatmap_sigma: float = 1.5,
@@ -62,10 +66,12 @@ class GANStep:
             out.heatmaps = [h * keep for h in out.heatmaps]
             targets = [t * keep for t in targets]
         with self._autocast(hr.device):
+            # the G side judges through the bare discriminators: under DDP their wrappers would expect
+            # gradients for D's own (frozen here) parameters
             total, terms = generator_loss(
                 out, hr, targets, self.weights,
-                self.d_global if self.adversarial else None, self.d_local if self.adversarial else None, boxes,
-                self.vgg)
+                _unwrap(self.d_global) if self.adversarial else None,
+                _unwrap(self.d_local) if self.adversarial else None, boxes, self.vgg)
         # D's parameters get no grad from the G step
         for d in (self.d_global, self.d_local):
             d.requires_grad_(False)

@@ -16,6 +16,8 @@ PIPELINES = {
     "hello": "pipelines.hello",
     "synth": "pipelines.synth",
     "shard": "pipelines.shard",
+    "train": "pipelines.train",
+    "hallucinate": "pipelines.hallucinate",
 }
 
 

@@ -1,0 +1,287 @@
+"""Distributed training of Pro-UIGAN with Ray Train (V2 API): generator + global and local discriminators.
+
+The driver (``run``) resolves the config, finds the dataset version, opens (or re-opens) the MLflow run and
+starts a ``TorchTrainer``; every worker runs ``train_loop_per_worker``: DDP over gloo (CPU) or NCCL (GPU),
+its own disjoint part of the shards through the on-the-fly occlusion reader, validation on its part of the
+val split (all-reduced), and checkpoints reported from rank 0 only.  Re-running with the same ``name``
+resumes from the latest checkpoint; ``train.max_failures`` restarts lost workers from it.
+
+    prouigan train --config cpu-small
+    ray job submit --working-dir . -- python pipelines/train.py --config gpu-paper
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HELP = "train Pro-UIGAN with Ray Train (DDP), checkpointing and MLflow tracking"
+CHECKPOINT_FILE = "state.pt"
+
+
+def add_arguments(parser) -> None:
+    from prouigan_platform.cli import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+# ---------------------------------------------------------------- per worker ----------------------------------
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def validate(generator, loader, device, sigma: float) -> dict[str, float]:
+    """PSNR, SSIM, occluded-region PSNR and prior NME on this worker's part, summed across workers."""
+    import torch
+    import torch.distributed as dist
+
+    from prouigan.landmarks import nme, soft_argmax
+    from prouigan.metrics import masked_psnr, psnr, ssim
+
+    g = generator.module if hasattr(generator, "module") else generator
+    g.eval()
+    sums = torch.zeros(7, dtype=torch.float64)  # psnr, ssim, occluded psnr, n occluded, nme, n landmarks, n
+    with torch.no_grad():
+        for batch in loader:
+            b = _to(batch, device)
+            out = g(b["lr"])
+            sr = out.final.float().clamp(0, 1)
+            mp = masked_psnr(sr, b["hr"], b["mask"]).cpu()
+            has = b["has_landmarks"].cpu()
+            err = nme(soft_argmax(out.heatmaps[-1].float(), sigma).cpu(), b["landmarks"].cpu())
+            sums += torch.tensor([psnr(sr, b["hr"]).sum().item(), ssim(sr, b["hr"]).sum().item(),
+                                  torch.nan_to_num(mp).sum().item(), float((~torch.isnan(mp)).sum()),
+                                  err[has].sum().item(), float(has.sum()), float(len(sr))], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    g.train()
+    n = max(float(sums[6]), 1.0)
+    return {"val_psnr": float(sums[0]) / n, "val_ssim": float(sums[1]) / n,
+            "val_psnr_occluded": float(sums[2]) / max(float(sums[3]), 1.0),
+            "val_nme": float(sums[4]) / max(float(sums[5]), 1.0)}
+
+
+def image_grid(generator, batch: dict, device, n: int = 4):
+    """(H, W, 3) uint8: rows of  input (nearest x8) | stage 32 | stage 64 | stage 128 | HR."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    g = generator.module if hasattr(generator, "module") else generator
+    g.eval()
+    with torch.no_grad():
+        out = g(batch["lr"][:n].to(device))
+    g.train()
+    cols = [F.interpolate(batch["lr"][:n].float(), size=128, mode="nearest")]
+    cols += [F.interpolate(img.float().cpu().clamp(0, 1), size=128, mode="nearest") for img in out.images]
+    cols.append(batch["hr"][:n].float())
+    rows = [torch.cat([c[i] for c in cols], dim=2) for i in range(min(n, len(batch["lr"])))]
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    return (grid * 255).round().astype(np.uint8)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader
+
+    from prouigan import LossWeights, ProUIGANGenerator, build_discriminators, generator_config
+    from prouigan.inference import generator_state
+    from prouigan.losses import perceptual_network
+    from prouigan.training import GANStep
+    from prouigan_platform.config import Config
+    from prouigan_platform.dataset import manifest as mf
+    from prouigan_platform.dataset.reader import FaceShards
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    manifest = mf.load(loop_config["manifest_uri"])
+
+    g = ProUIGANGenerator(generator_config(cfg.model.preset, cfg.model.overrides))
+    d_global, d_local = build_discriminators(cfg.model.preset)
+    weights = LossWeights(**cfg.loss.model_dump(exclude={"vgg_weights"}))
+    vgg, vgg_msg = perceptual_network(weights, cfg.loss.vgg_weights)
+    if rank == 0:
+        print(f"[train] {vgg_msg}", flush=True)
+    if vgg is not None:
+        vgg = vgg.to(device)
+    g, d_global, d_local = (ray.train.torch.prepare_model(m) for m in (g, d_global, d_local))
+    amp = torch.bfloat16 if (device.type == "cuda" and cfg.train.bf16) else None
+    step_fn = GANStep(g, d_global, d_local, weights, cfg.train.lr_g, cfg.train.lr_d, cfg.data.heatmap_sigma,
+                      amp_dtype=amp, vgg=vgg)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        for module, key in ((g, "generator"), (d_global, "d_global"), (d_local, "d_local")):
+            (module.module if hasattr(module, "module") else module).load_state_dict(state[key])
+        step_fn.load_state_dict(state["optimizers"])
+        start = int(state["step"])
+        if rank == 0:
+            print(f"[train] resumed from step {start}", flush=True)
+
+    train_ds = FaceShards(manifest, "train", cfg.data, rank=rank, world_size=world, seed=cfg.seed + start,
+                          epochs=None)
+    loader = iter(DataLoader(train_ds, batch_size=cfg.train.batch_size, num_workers=1, persistent_workers=True))
+    val_ds = FaceShards(manifest, "val", cfg.data, rank=rank, world_size=world,
+                        limit=max(1, cfg.train.val_samples // world))
+    val_loader = DataLoader(val_ds, batch_size=cfg.train.batch_size)
+    grid_batch = next(iter(DataLoader(FaceShards(manifest, "val", cfg.data, limit=4), batch_size=4)))
+
+    client = None
+    run_id = loop_config.get("mlflow_run_id")
+    if rank == 0 and run_id:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+    t_last, n_last = time.time(), 0
+    for step in range(start + 1, cfg.train.steps + 1):
+        batch = _to(next(loader), device)
+        logs = step_fn.step(batch)
+        n_last += len(batch["lr"]) * world
+        if client is not None and (step % 10 == 0 or step == start + 1):
+            client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"train/{k}", v, int(time.time() * 1000), step)
+                                              for k, v in logs.items() if np.isfinite(v)])
+        if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+            metrics = validate(g, val_loader, device, cfg.data.heatmap_sigma)
+            dt = time.time() - t_last
+            metrics.update({"step": step, "samples_per_s": n_last / max(dt, 1e-9), **{f"train_{k}": v for k, v in
+                                                                                      logs.items()}})
+            t_last, n_last = time.time(), 0
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    state = {**generator_state(g), "d_global": _state(d_global), "d_local": _state(d_local),
+                             "optimizers": step_fn.state_dict(), "step": step, "config": loop_config["config"],
+                             "manifest_digest": manifest.get("digest", mf.digest(manifest))}
+                    torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                    if client is not None:
+                        _log_validation(client, run_id, metrics, step, image_grid(g, grid_batch, device))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                     checkpoint_dir_name=f"step_{step:07d}")
+            else:
+                ray.train.report(metrics)
+
+
+def _state(module) -> dict:
+    m = module.module if hasattr(module, "module") else module
+    return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+
+def _log_validation(client, run_id: str, metrics: dict, step: int, grid) -> None:
+    import mlflow
+    from PIL import Image
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()
+                                      if k != "step"])
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / f"val_grid_step_{step:07d}.png"
+        Image.fromarray(grid).save(p)
+        client.log_artifact(run_id, str(p), artifact_path="grids")
+
+
+# ---------------------------------------------------------------- driver -------------------------------------
+
+def storage_args(uri: str) -> dict:
+    """RunConfig storage for a local path or s3:// (pyarrow filesystem with the configured endpoint)."""
+    from prouigan_platform import storage
+
+    if storage.is_s3(uri):
+        return {"storage_path": uri[len("s3://"):].rstrip("/"), "storage_filesystem": storage.s3_filesystem()}
+    return {"storage_path": str(Path(uri).expanduser().resolve())}
+
+
+def find_or_start_run(cfg, manifest: dict) -> str:
+    """The MLflow run of this training name: re-opened on resume, created (with the whole config) otherwise."""
+    import mlflow
+
+    from prouigan_platform.tracking import git_commit, log_config
+
+    mlflow.set_experiment(cfg.tracking.experiment)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.train_name = '{cfg.name}'",
+                               output_format="list", max_results=1)
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=cfg.name, tags={"train_name": cfg.name, "git_commit": git_commit(),
+                                                   "pipeline": "train", "data_manifest": manifest["_uri"],
+                                                   "data_manifest_digest": manifest["digest"]}) as run:
+        log_config(cfg)
+    return run.info.run_id
+
+
+def run(args) -> int:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from prouigan_platform.cli import config_from_args
+    from prouigan_platform.dataset import manifest as mf
+    from prouigan_platform.runtime import init_ray, use_embedded_stack
+
+    cfg = config_from_args(args)
+    use_embedded_stack()
+    manifest = mf.load(cfg.train.dataset or cfg.data.output)
+    run_id = find_or_start_run(cfg, manifest) if os.environ.get("MLFLOW_TRACKING_URI") else None
+    if run_id is None:
+        print("[train] MLFLOW_TRACKING_URI not set: training without tracking", file=sys.stderr)
+    init_ray(log_to_driver=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest["_uri"],
+                           "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, **storage_args(cfg.train.storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
+                                                         checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_order="max")),
+    )
+    result = trainer.fit()
+    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
+    print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    if best is None:
+        print("[train] no checkpoint was reported; nothing to register", file=sys.stderr)
+        return 1
+    ckpt_uri = f"{cfg.train.storage.rstrip('/')}/{cfg.name}/{Path(best[0].path).name}"
+    print(f"[train] best checkpoint {ckpt_uri}: val_psnr {best[1]['val_psnr']:.2f} dB at step {best[1]['step']}")
+    if run_id:
+        import mlflow
+
+        from prouigan_platform.registry import log_and_register
+
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "best_checkpoint", ckpt_uri)
+        client.set_tag(run_id, "latest_checkpoint", f"{cfg.train.storage.rstrip('/')}/{cfg.name}/"
+                                                    f"{Path(result.checkpoint.path).name}")
+        tags = client.get_run(run_id).data.tags
+        if tags.get("registered_checkpoint") == ckpt_uri:  # a re-run that trained nothing new
+            print(f"[train] {ckpt_uri} is already registered ({tags['registered_version']})")
+            return 0
+        with best[0].as_directory() as d:
+            version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model)
+        uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
+        client.set_tag(run_id, "registered_checkpoint", ckpt_uri)
+        client.set_tag(run_id, "registered_version", uri)
+        print(f"[train] registered {uri} (alias @challenger), run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    from prouigan_platform.cli import run_as_script
+
+    run_as_script("train")

@@ -1,0 +1,69 @@
+"""The generator as an MLflow pyfunc model, its registration, and resolving a MODEL argument.
+
+Model input: uint8 array (B, 16, 16, 3); output: uint8 array (B, 128, 128, 3).  Registered versions get
+aliases (``challenger`` after training; ``champion`` is moved by the evaluation gate) — stages are deprecated.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from prouigan.inference import Hallucinator
+
+SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 16, 16, 3))]),
+                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 128, 128, 3))]))
+
+
+class ProUIGANModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.hallucinator = Hallucinator.load(context.artifacts["generator"], device=device)
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict) and len(model_input) == 1:
+            model_input = next(iter(model_input.values()))
+        arr = np.asarray(model_input)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (16, 16, 3):
+            raise ValueError(f"expected uint8 (B, 16, 16, 3) faces, got {arr.dtype} {arr.shape}")
+        return self.hallucinator.to_uint8(arr)
+
+
+def generator_only(checkpoint_file: str | Path, out: Path) -> Path:
+    """The generator part of a training checkpoint (what serving needs), as a small file."""
+    state = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    torch.save({k: state[k] for k in ("format", "generator_config", "generator")}, out)
+    return out
+
+
+def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias: str = "challenger"):
+    """Log the generator under ``run_id`` as a pyfunc model, register a new version, point ``alias`` at it."""
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = generator_only(checkpoint_file, Path(tmp) / "generator.pt")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=ProUIGANModel(),
+                                           artifacts={"generator": str(gen)}, signature=SIGNATURE,
+                                           input_example=np.zeros((1, 16, 16, 3), np.uint8))
+    version = mlflow.register_model(info.model_uri, name)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+def resolve_model(model: str, device: str = "cpu") -> Hallucinator:
+    """A checkpoint path (local), a ``runs:/`` or ``models:/name@alias`` URI -> Hallucinator."""
+    if model.startswith(("runs:/", "models:/")):
+        path = mlflow.artifacts.download_artifacts(artifact_uri=model.rstrip("/") + "/artifacts/generator.pt")
+        return Hallucinator.load(path, device)
+    p = Path(model)
+    if p.is_dir():
+        p = p / "state.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"model not found: {model} (a checkpoint file or folder, runs:/... or models:/...)")
+    return Hallucinator.load(p, device)

@@ -1,0 +1,90 @@
+"""Training on the real stack: a 2-worker Ray Train run (DDP over gloo) on shards in the S3 bucket, checkpoints
+in the bucket, MLflow tracking, a registered pyfunc version with alias `challenger`, resume by re-running the
+same name, and `prouigan hallucinate` on the registered model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from prouigan_platform.storage import boto3_client
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.stack
+
+
+def _cli(stack, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **stack.env(), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "prouigan_platform.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(stack):
+    b = stack.bucket
+    common = ["-c", "smoke", f"data.output=s3://{b}/datasets/train-test", f"train.storage=s3://{b}/checkpoints",
+              "name=train-test", "tracking.experiment=train-test", "train.num_workers=2"]
+    out = _cli(stack, "shard", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = _cli(stack, "train", *common, "train.steps=4")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    return stack, common, out.stdout + out.stderr
+
+
+def test_two_workers_train_register_and_store_in_the_bucket(trained):
+    stack, _, log = trained
+    assert "world_rank=1" in log and "registered models:/prouigan/" in log
+    client = mlflow.MlflowClient(stack.mlflow_uri)
+    mv = client.get_model_version_by_alias("prouigan", "challenger")
+    run = client.get_run(mv.run_id)
+    assert run.data.params["model.preset"] == "tiny" and run.data.tags["data_manifest_digest"]
+    assert {"val_psnr", "val_ssim", "val_psnr_occluded", "val_nme", "samples_per_s"} <= set(run.data.metrics)
+    assert run.data.tags["best_checkpoint"].startswith(f"s3://{stack.bucket}/checkpoints/train-test/step_")
+    keys = [o["Key"] for page in boto3_client().get_paginator("list_objects_v2").paginate(Bucket=stack.bucket)
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("checkpoints/train-test/step_0000004/") and k.endswith("state.pt") for k in keys)
+    exp = run.info.experiment_id
+    assert any(k.startswith(f"mlflow-artifacts/{exp}/") and k.endswith("generator.pt") for k in keys)
+    assert any(k.startswith(f"mlflow-artifacts/{exp}/") and "/grids/val_grid_step_" in k for k in keys)
+    # the registered pyfunc answers for batch sizes other than the example's
+    os.environ.update(stack.env())
+    model = mlflow.pyfunc.load_model("models:/prouigan@challenger")
+    for n in (1, 5):
+        out = model.predict(np.random.default_rng(n).integers(0, 255, (n, 16, 16, 3), dtype=np.uint8))
+        assert out.shape == (n, 128, 128, 3) and out.dtype == np.uint8
+
+
+def test_rerunning_the_same_name_resumes_from_the_latest_checkpoint(trained):
+    stack, common, _ = trained
+    out = _cli(stack, "train", *common, "train.steps=6")
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "resumed from step 4" in log and "step_0000006" in log
+    runs = mlflow.MlflowClient(stack.mlflow_uri).search_runs(
+        [mlflow.MlflowClient(stack.mlflow_uri).get_experiment_by_name("train-test").experiment_id])
+    assert len(runs) == 1  # the same MLflow run continues
+
+
+def test_hallucinate_round_trips_a_folder_and_rejects_a_bad_file(trained, tmp_path):
+    stack, _, _ = trained
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(src / f"t{i}.png")
+    out = _cli(stack, "hallucinate", "--model", "models:/prouigan@challenger", "--input", str(src),
+               "--output", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    outs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in outs] == ["t0.png", "t1.png", "t2.png"]
+    assert all(Image.open(p).size == (128, 128) for p in outs)
+    Image.new("RGB", (20, 16)).save(src / "wide.jpg")
+    out = _cli(stack, "hallucinate", "--model", "models:/prouigan@challenger", "--input", str(src),
+               "--output", str(tmp_path / "out2"))
+    assert out.returncode == 2 and "wide.jpg: 20x16 pixels, expected 16x16" in out.stderr
+    assert not (tmp_path / "out2").exists()
