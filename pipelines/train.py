@@ -223,10 +223,28 @@ def find_or_start_run(cfg, manifest: dict) -> str:
     return run.info.run_id
 
 
-def run(args) -> int:
+def fit(cfg, manifest_uri: str, run_id: str | None):
+    """Build and run the TorchTrainer for a resolved config (Ray must be initialised); -> ray.train.Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest_uri,
+                           "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, **storage_args(cfg.train.storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
+                                                         checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_order="max")),
+    )
+    return trainer.fit()
+
+
+def run(args) -> int:
     from prouigan_platform.cli import config_from_args
     from prouigan_platform.dataset import manifest as mf
     from prouigan_platform.runtime import init_ray, use_embedded_stack
@@ -238,20 +256,7 @@ def run(args) -> int:
     if run_id is None:
         print("[train] MLFLOW_TRACKING_URI not set: training without tracking", file=sys.stderr)
     init_ray(log_to_driver=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest["_uri"],
-                           "mlflow_run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, **storage_args(cfg.train.storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
-                                                         checkpoint_score_attribute="val_psnr",
-                                                         checkpoint_score_order="max")),
-    )
-    result = trainer.fit()
+    result = fit(cfg, manifest["_uri"], run_id)
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
     print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     if best is None:

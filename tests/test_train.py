@@ -88,3 +88,36 @@ def test_hallucinate_round_trips_a_folder_and_rejects_a_bad_file(trained, tmp_pa
                "--output", str(tmp_path / "out2"))
     assert out.returncode == 2 and "wide.jpg: 20x16 pixels, expected 16x16" in out.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint_and_the_step_count_continues(stack, tmp_path):
+    """SIGKILL a training worker mid-run: FailureConfig restarts the group from the latest checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=killed",
+              "tracking.experiment=killed", "train.num_workers=2", "train.steps=40", "train.val_every=4",
+              "train.checkpoint_every=4", "train.max_failures=2"]
+    assert _cli(stack, "shard", *common).returncode == 0
+    env = {**os.environ, **stack.env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "prouigan_platform.cli", "train", *common], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckdir = tmp_path / "ck" / "killed"
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None:
+        if ckdir.exists() and any(p.name >= "step_0000008" for p in ckdir.glob("step_*")):
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    log, _ = proc.communicate(timeout=600)
+    assert killed is not None, "no training worker process was found to kill"
+    assert proc.returncode == 0, log[-4000:]
+    resumed = [int(line.rsplit(" ", 1)[-1]) for line in log.splitlines() if "[train] resumed from step" in line]
+    assert resumed and min(resumed) >= 8, log[-4000:]
+    assert (ckdir / "step_0000040").exists()
