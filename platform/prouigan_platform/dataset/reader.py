@@ -76,9 +76,6 @@ class FaceShards(torch.utils.data.IterableDataset):
         self.stale = {(name, k) for name, keys in self.manifest.get("superseded", {}).items() for k in keys}
         self.stats = {"samples": 0, "bad_shards": 0, "bad_samples": 0}
 
-    def __len__(self) -> int:
-        return self.manifest["counts"][self.split]
-
     def _reader_id(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
