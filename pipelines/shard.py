@@ -58,6 +58,12 @@ def run(args) -> int:
         print(f"shard: nothing new — dataset version v{p['version']:04d} ({p['_uri']}) is current")
         return 0
     _summary(result)
+    if result.processed and not result.new_shards:
+        reasons = Counter(q["reason"] for q in result.quarantined).most_common(1)
+        print(f"prouigan shard: error: none of the {result.processed} inputs was accepted (most common reason: "
+              f"{reasons[0][0] if reasons else '-'}); see the quarantine list in {result.manifest['_uri']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -320,3 +320,33 @@ def test_photo_folder_needs_dlib_and_finds_faces(ray_on_stack, shared_faces, tmp
             f" 'data.output={tmp_path / 'x'}']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 1 and "eval" in out.stderr and "pip install" in out.stderr
+
+
+def test_a_relative_source_path_works_on_ray_workers(ray_on_stack, tmp_path, monkeypatch):
+    """Ray workers run in another folder: a source given relative to the caller's folder must still be read
+    (regression: every face was quarantined as unreadable_file)."""
+    src = tmp_path / "rel" / "faces"
+    src.mkdir(parents=True)
+    for i in range(4):
+        _face(i, src, f"f{i}.png")
+    monkeypatch.chdir(tmp_path / "rel")
+    m = _build([SourceConfig(path="faces")], tmp_path / "ds").manifest
+    assert m["accepted"] == 4 and m["quarantined"] == 0
+
+
+def test_unreadable_inputs_are_retried_on_the_next_run(ray_on_stack, tmp_path, monkeypatch):
+    """An input that could not be read (a machine problem, not a property of the input) is not "known":
+    the next run tries it again even though its fingerprint did not change."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        _face(i, src, f"f{i}.png")
+    data = _data(sources=[SourceConfig(path=str(src))])
+    records = list_sources(data.sources)
+    monkeypatch.chdir(tmp_path)
+    broken = [{**r, "image": f"src/{Path(r['image']).name}"} if r["key"].endswith("f2") else r for r in records]
+    root = str(tmp_path / "ds")
+    v1 = build_version(broken, data, [], root, engine="ray").manifest  # workers cannot see the relative path
+    assert [q["reason"] for q in v1["quarantine"]] == ["unreadable_file"] and v1["accepted"] == 2
+    res = build_version(records, data, [], root, engine="ray")
+    assert res.processed == 1 and res.manifest["accepted"] == 3 and res.manifest["quarantined"] == 0

@@ -18,6 +18,9 @@ from prouigan_platform import storage
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.ingest import process_record, quarantine_row
 
+# quarantine reasons that say more about the machine than the input: such inputs are tried again next run
+RETRY_REASONS = {"unreadable_file"}
+
 
 def data_settings(data_cfg) -> dict:
     """The data-config fields that change shard content; their hash guards incremental versions."""
@@ -144,7 +147,8 @@ def build_version(records: list[dict], data_cfg, sources_meta: list[dict], root:
                               f"{settings}); write to a new data.output")
     # what the latest version holds, by input id -> fingerprint (accepted and quarantined alike)
     known = {v[3]: v[0] for v in (parent or {}).get("samples", {}).values()}
-    known.update({q["input"]: q["fingerprint"] for q in (parent or {}).get("quarantine", [])})
+    known.update({q["input"]: q["fingerprint"] for q in (parent or {}).get("quarantine", [])
+                  if q["reason"] not in RETRY_REASONS})
     records, duplicates = dedupe(records)
     todo = [r for r in records if known.get(r["key"]) != r["fingerprint"]]
     new_dups = [d for d in duplicates if known.get(d["input"]) != d["fingerprint"]]

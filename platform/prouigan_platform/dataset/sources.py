@@ -63,7 +63,7 @@ def _walk(root: Path) -> list[Path]:
 
 
 def list_300w(src: SourceConfig, name: str) -> list[dict]:
-    root = Path(src.path).expanduser()
+    root = Path(src.path).expanduser().resolve()  # absolute: Ray workers run elsewhere
     _check_folder(root, "300w")
     records = []
     for f in _walk(root):
@@ -78,7 +78,7 @@ def list_300w(src: SourceConfig, name: str) -> list[dict]:
 
 
 def list_celeba(src: SourceConfig, name: str) -> list[dict]:
-    root = Path(src.path).expanduser()
+    root = Path(src.path).expanduser().resolve()  # absolute: Ray workers run elsewhere
     _check_folder(root, "celeba")
     img_dir, lm_file, part_file = root / "img_align_celeba", root / "list_landmarks_align_celeba.txt", \
         root / "list_eval_partition.txt"
@@ -117,7 +117,7 @@ def list_celeba(src: SourceConfig, name: str) -> list[dict]:
 
 
 def list_photos(src: SourceConfig, name: str) -> list[dict]:
-    root = Path(src.path).expanduser()
+    root = Path(src.path).expanduser().resolve()  # absolute: Ray workers run elsewhere
     _check_folder(root, "photos")
     from prouigan_platform.dataset.labeler import DlibMissing, require_dlib
 
