@@ -72,17 +72,16 @@ def _write_val_thumbnails(overrides: list[str], folder: Path, n: int) -> None:
 def _summary(out: Path) -> dict:
     """outputs/demo/summary.json: the registered model, a checkpoint usable without the stack, val metrics."""
     import os
+    import shutil
 
     import mlflow
-
-    from prouigan_platform.registry import generator_only
 
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("prouigan", "challenger")
     run = client.get_run(mv.run_id)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/prouigan/{mv.version}/artifacts/generator.pt"))
     ckpt = out / "generator.pt"
-    generator_only(local, ckpt)
+    shutil.copyfile(local, ckpt)  # the registered artifact is already the generator-only file
     summary = {
         "model_uri": f"models:/prouigan/{mv.version}", "alias": "challenger", "run_id": mv.run_id,
         "checkpoint": str(ckpt), "best_checkpoint_in_bucket": run.data.tags.get("best_checkpoint"),
