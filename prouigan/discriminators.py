@@ -52,7 +52,8 @@ def crop(images: torch.Tensor, boxes: torch.Tensor, crop: int = 64) -> torch.Ten
 
 def build_discriminators(preset: str) -> tuple[PatchDiscriminator, PatchDiscriminator]:
     """(global, local) for a generator preset: narrower for the small presets."""
-    width = {"tiny": 16, "cpu-small": 32, "gpu-paper": 64}.get(preset)
+    widths = {"tiny": 16, "cpu-small": 32, "cpu-small-plain": 32, "gpu-paper": 64}
+    width = widths.get(preset)
     if width is None:
-        raise KeyError(f"unknown preset '{preset}'; known: tiny, cpu-small, gpu-paper")
+        raise KeyError(f"unknown preset '{preset}'; known: {', '.join(widths)}")
     return PatchDiscriminator(width, downsamples=4), PatchDiscriminator(width, downsamples=3)

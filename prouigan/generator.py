@@ -41,14 +41,18 @@ class Stage(nn.Module):
     def __init__(self, ch: int, out_ch: int, carried_ch: int, blocks: int, cfg: GeneratorConfig):
         super().__init__()
         p = cfg.prior_channels
+        self.priors = cfg.priors
         self.encode = nn.Sequential(nn.Conv2d(3, ch, 3, padding=1), _act())
         self.carry = nn.Conv2d(carried_ch, ch, 1) if carried_ch else None
-        self.prior = nn.Sequential(nn.Conv2d(ch, p, 3, padding=1), _act(),
-                                   *[ResBlock(p) for _ in range(cfg.prior_blocks)])
-        self.heatmap = nn.Conv2d(p, cfg.num_points, 1)
-        self.heatmap_embed = nn.Conv2d(cfg.num_points, p, 1)
-        self.attention = CrossModalAttention(ch, p, cfg.attn_dim, cfg.attn_max_tokens, cfg.attn_gamma_init)
-        self.fuse = nn.Sequential(nn.Conv2d(ch + p, ch, 3, padding=1), _act())
+        if self.priors:
+            self.prior = nn.Sequential(nn.Conv2d(ch, p, 3, padding=1), _act(),
+                                       *[ResBlock(p) for _ in range(cfg.prior_blocks)])
+            self.heatmap = nn.Conv2d(p, cfg.num_points, 1)
+            self.heatmap_embed = nn.Conv2d(cfg.num_points, p, 1)
+            self.attention = CrossModalAttention(ch, p, cfg.attn_dim, cfg.attn_max_tokens, cfg.attn_gamma_init)
+            k = cfg.fuse_kernel
+            self.fuse = nn.Sequential(nn.Conv2d(ch + p, ch, k, padding=k // 2), _act())
+            self.prior_max_size = cfg.prior_max_size
         self.trunk = nn.Sequential(*[ResBlock(ch) for _ in range(blocks)])
         self.up = nn.Sequential(nn.Conv2d(ch, out_ch * 4, 3, padding=1), nn.PixelShuffle(2), _act())
         self.to_rgb = nn.Conv2d(out_ch, 3, 3, padding=1)
@@ -57,11 +61,28 @@ class Stage(nn.Module):
         f = self.encode(img)  # (B, ch, r, r)
         if carried is not None:
             f = f + self.carry(carried)
-        lm = self.prior(f)  # (B, p, r, r) landmark features
-        hm = self.heatmap(lm)  # (B, K, r, r) estimated priors
-        lm = lm + self.heatmap_embed(hm if external_heatmaps is None else external_heatmaps)
-        f_att, lm_att = self.attention(f, lm)
-        t = self.trunk(self.fuse(torch.cat([f_att, lm_att], 1))) + f
+        if self.priors:
+            # priors are smooth: at a large stage they are estimated (and attended) on pooled features, which
+            # halves the cost of the 64x64 stage of the CPU preset; the results are upsampled back
+            r = f.shape[-1]
+            s = max(1, r // self.prior_max_size)
+            fp = F.avg_pool2d(f, s) if s > 1 else f
+            lm = self.prior(fp)  # (B, p, r/s, r/s) landmark features
+            hm = self.heatmap(lm)  # (B, K, r/s, r/s) estimated priors
+            ext = external_heatmaps
+            if ext is not None and s > 1:
+                ext = F.avg_pool2d(ext, s)
+            lm = lm + self.heatmap_embed(hm if ext is None else ext)
+            f_att, lm_att = self.attention(fp, lm)
+            if s > 1:
+                up = dict(size=(r, r), mode="bilinear", align_corners=False)
+                f_att = f + F.interpolate(f_att - fp, **up)
+                lm_att = F.interpolate(lm_att, **up)
+                hm = F.interpolate(hm, **up)
+            t = self.trunk(self.fuse(torch.cat([f_att, lm_att], 1))) + f
+        else:  # the plain CNN baseline
+            hm = None
+            t = self.trunk(f) + f
         u = self.up(t)  # (B, out_ch, 2r, 2r)
         out = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + self.to_rgb(u)
         return out, hm, u
@@ -70,7 +91,8 @@ class Stage(nn.Module):
 @dataclass
 class GeneratorOutput:
     images: list[torch.Tensor]  # [(B,3,32,32), (B,3,64,64), (B,3,128,128)]
-    heatmaps: list[torch.Tensor]  # [(B,K,16,16), (B,K,32,32), (B,K,64,64)] priors of each stage's input
+    heatmaps: list[torch.Tensor]  # [(B,K,16,16), (B,K,32,32), (B,K,64,64)] priors of each stage's input;
+    # empty for the plain CNN baseline (``GeneratorConfig.priors=False``)
 
     @property
     def final(self) -> torch.Tensor:
@@ -112,7 +134,8 @@ class ProUIGANGenerator(nn.Module):
         for stage in self.stages:
             img, hm, carried = stage(img, carried, self._external(img))
             images.append(img)
-            maps.append(hm)
+            if hm is not None:
+                maps.append(hm)
         return GeneratorOutput(images, maps)
 
 

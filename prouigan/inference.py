@@ -59,7 +59,7 @@ class Hallucinator:
         x = self.to_tensor(lr)
         outs = [self.generator(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)]
         images = [torch.cat([o.images[s] for o in outs]).clamp(0, 1).cpu() for s in range(3)]
-        maps = [torch.cat([o.heatmaps[s] for o in outs]).float().cpu() for s in range(3)]
+        maps = [torch.cat([o.heatmaps[s] for o in outs]).float().cpu() for s in range(len(outs[0].heatmaps))]
         return GeneratorOutput(images, maps)
 
     def __call__(self, lr, batch_size: int = 64) -> torch.Tensor:

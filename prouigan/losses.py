@@ -2,8 +2,10 @@
 
 Generator side (summed over the three stages where a term is per stage):
   pixel        MSE between each stage's image and the HR face resized to that stage
+  pixel_l1     the same with L1 (what the plain CNN baseline trains with)
   heatmap      MSE between each stage's estimated priors and the ground-truth Gaussians, summed over the
-               68 points and averaged over pixels (so its scale does not shrink with the point count)
+               68 points and averaged over pixels (so its scale does not shrink with the point count);
+               absent for a generator without priors
   adversarial  LSGAN (D(fake) - 1)^2 of the global and the local discriminator, last stage only
   tv           total variation of every stage's image
   perceptual   VGG19 feature L1 (relu1_1..relu5_1), last stage; only with local VGG weights
@@ -26,6 +28,7 @@ from prouigan.discriminators import crop
 @dataclass(frozen=True)
 class LossWeights:
     pixel: float = 1.0
+    pixel_l1: float = 0.0
     heatmap: float = 0.1
     adversarial: float = 1e-3
     tv: float = 1e-5
@@ -116,9 +119,13 @@ def generator_loss(out, hr: torch.Tensor, target_heatmaps: list[torch.Tensor], w
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total weighted loss and each term's (unweighted) value, detached, for logging."""
     terms: dict[str, torch.Tensor] = {}
-    terms["pixel"] = sum(F.mse_loss(img.float(), resize_to(hr, img.shape[-1])) for img in out.images)
-    terms["heatmap"] = sum(((hm.float() - t) ** 2).sum(1).mean() for hm, t in zip(out.heatmaps, target_heatmaps,
-                                                                                  strict=True))
+    targets = [resize_to(hr, img.shape[-1]) for img in out.images]
+    terms["pixel"] = sum(F.mse_loss(img.float(), t) for img, t in zip(out.images, targets, strict=True))
+    if w.pixel_l1 > 0:
+        terms["pixel_l1"] = sum(F.l1_loss(img.float(), t) for img, t in zip(out.images, targets, strict=True))
+    if out.heatmaps:
+        terms["heatmap"] = sum(((hm.float() - t) ** 2).sum(1).mean() for hm, t in zip(out.heatmaps, target_heatmaps,
+                                                                                      strict=True))
     terms["tv"] = sum(total_variation(img.float()) for img in out.images)
     fake = out.final
     if w.adversarial > 0 and d_global is not None:

@@ -16,6 +16,9 @@ class GeneratorConfig:
     attn_dim: int = 16  # query/key width of the cross-modal attention
     attn_max_tokens: int = 1024  # keys are average-pooled to at most this many positions
     attn_gamma_init: float = 0.1  # initial scale of the attention residuals
+    prior_max_size: int = 64  # the prior branch and the attention run on features pooled to at most this size
+    fuse_kernel: int = 3  # kernel of the conv fusing attended face and landmark features (1 or 3)
+    priors: bool = True  # False: the plain residual CNN baseline (no prior branch, no attention)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,8 +36,14 @@ PRESETS: dict[str, GeneratorConfig] = {
     # unit tests and smoke runs: seconds on a CPU
     "tiny": GeneratorConfig(channels=(16, 16, 8), blocks=(1, 1, 1), prior_channels=8, prior_blocks=1,
                             attn_dim=8, attn_max_tokens=256),
-    # ~1.3M parameters: trains on 2 CPU cores within an hour
-    "cpu-small": GeneratorConfig(attn_max_tokens=256),
+    # ~1.45M parameters, trains on 2 CPU cores within an hour.  Width sits in the cheap 16 and 32 px stages, and
+    # the 64 px stage estimates its priors on 32x32 pooled features: chosen by equal-time ablations
+    # (BENCHMARKS.md), where the first cpu-small shape (96,64,48)/(3,2,2) ran at half the plain CNN's samples/s
+    "cpu-small": GeneratorConfig(channels=(96, 64, 32), blocks=(4, 3, 1), attn_max_tokens=256, prior_max_size=32,
+                                 fuse_kernel=1),
+    # the ablation baseline: the same progressive residual trunk with no priors and no attention, widened to
+    # about cpu-small's parameter count; trained with L1 only and no discriminators (configs/cpu-small-plain)
+    "cpu-small-plain": GeneratorConfig(channels=(112, 80, 56), blocks=(3, 2, 2), priors=False),
     # the paper-sized model for GPUs
     "gpu-paper": GeneratorConfig(channels=(256, 128, 64), blocks=(6, 4, 3), prior_channels=128, prior_blocks=4,
                                  attn_dim=64, attn_max_tokens=1024),

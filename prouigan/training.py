@@ -60,8 +60,8 @@ class GANStep:
             self.opt_d.step()
             logs.update({k: float(v) for k, v in d_terms.items()})
         self.opt_g.zero_grad(set_to_none=True)
-        targets = self.targets(batch)
-        if has_lm is not None and not bool(has_lm.all()):
+        targets = self.targets(batch) if out.heatmaps else []
+        if targets and has_lm is not None and not bool(has_lm.all()):
             keep = has_lm.view(-1, 1, 1, 1).to(targets[0].dtype)
             out.heatmaps = [h * keep for h in out.heatmaps]
             targets = [t * keep for t in targets]

@@ -201,3 +201,35 @@ def test_external_frozen_prior_replaces_the_learned_one():
     g_plain.load_state_dict({k: v for k, v in g_ext.state_dict().items() if not k.startswith("external_prior")})
     lr = torch.rand(1, 3, 16, 16)
     assert not torch.allclose(g_ext(lr).final, g_plain(lr).final)
+
+
+def test_plain_cnn_baseline_has_no_priors_no_attention_and_about_cpu_smalls_size(tmp_path):
+    plain = ProUIGANGenerator(generator_config("cpu-small-plain"))
+    names = [n for n, _ in plain.named_modules()]
+    assert not any(k in n for n in names for k in ("attention", "prior", "heatmap", "fuse"))
+    n_plain, n_pro = count_parameters(plain), count_parameters(ProUIGANGenerator(generator_config("cpu-small")))
+    assert abs(n_plain - n_pro) / n_pro < 0.15
+    out = plain(torch.rand(2, 3, 16, 16))
+    assert out.heatmaps == [] and tuple(out.final.shape) == (2, 3, 128, 128)
+    total, terms = generator_loss(out, torch.rand(2, 3, 128, 128), [], LossWeights(pixel=0, pixel_l1=1, heatmap=0,
+                                                                                   adversarial=0, tv=0))
+    assert "heatmap" not in terms and torch.isclose(total, terms["pixel_l1"])
+    total.backward()
+    assert all(p.grad is not None for p in plain.parameters())
+    save_generator(plain, tmp_path / "plain.pt")
+    h = Hallucinator.load(tmp_path / "plain.pt")
+    assert h.run(torch.rand(3, 3, 16, 16)).heatmaps == []
+
+
+@pytest.mark.parametrize("prior_max_size,fuse_kernel", [(16, 1), (32, 3)])
+def test_priors_on_pooled_features_keep_every_stages_shapes_and_gradients(prior_max_size, fuse_kernel):
+    torch.manual_seed(0)
+    g = ProUIGANGenerator(generator_config("tiny", {"prior_max_size": prior_max_size, "fuse_kernel": fuse_kernel}))
+    out = g(torch.rand(2, 3, 16, 16))
+    assert [tuple(h.shape) for h in out.heatmaps] == [(2, 68, 16, 16), (2, 68, 32, 32), (2, 68, 64, 64)]
+    lm = torch.rand(2, 68, 2) * 100 + 14
+    total, _ = generator_loss(out, torch.rand(2, 3, 128, 128), [heatmaps(lm, r, 1.5) for r in (16, 32, 64)],
+                              LossWeights(adversarial=0))
+    total.backward()
+    missing = [n for n, p in g.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
