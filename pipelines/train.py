@@ -12,6 +12,7 @@ resumes from the latest checkpoint; ``train.max_failures`` restarts lost workers
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -26,6 +27,21 @@ def add_arguments(parser) -> None:
     from prouigan_platform.cli import add_config_arguments
 
     add_config_arguments(parser)
+    parser.add_argument("--from-tune", metavar="RUN_ID", default=None,
+                        help="train with the best config of a `prouigan tune` search (its MLflow parent run)")
+
+
+def config_from_tune(run_id: str, overrides: list[str]):
+    """The best config a search logged to its MLflow parent run, with overrides applied."""
+    import mlflow
+
+    from prouigan_platform.config import ConfigError, load_config
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.yaml")
+    except Exception as e:
+        raise ConfigError(f"--from-tune {run_id}: no best.yaml in that MLflow run ({type(e).__name__}: {e})") from None
+    return load_config(path, overrides)
 
 
 # ---------------------------------------------------------------- per worker ----------------------------------
@@ -49,10 +65,13 @@ def validate(generator, loader, device, sigma: float) -> dict[str, float]:
         for batch in loader:
             b = _to(batch, device)
             out = g(b["lr"])
-            sr = out.final.float().clamp(0, 1)
+            sr = out.final.float().nan_to_num(0.5).clamp(0, 1)  # a diverged trial scores low, not NaN
             mp = masked_psnr(sr, b["hr"], b["mask"]).cpu()
             has = b["has_landmarks"].cpu()
-            err = nme(soft_argmax(out.heatmaps[-1].float(), sigma).cpu(), b["landmarks"].cpu())
+            if out.heatmaps:
+                err = nme(soft_argmax(out.heatmaps[-1].float(), sigma).cpu(), b["landmarks"].cpu())
+            else:  # a generator without priors (the plain CNN baseline) has no landmark estimate
+                err, has = torch.zeros(len(sr)), torch.zeros(len(sr), dtype=torch.bool)
             sums += torch.tensor([psnr(sr, b["hr"]).sum().item(), ssim(sr, b["hr"]).sum().item(),
                                   torch.nan_to_num(mp).sum().item(), float((~torch.isnan(mp)).sum()),
                                   err[has].sum().item(), float(has.sum()), float(len(sr))], dtype=torch.float64)
@@ -60,9 +79,11 @@ def validate(generator, loader, device, sigma: float) -> dict[str, float]:
         dist.all_reduce(sums)
     g.train()
     n = max(float(sums[6]), 1.0)
-    return {"val_psnr": float(sums[0]) / n, "val_ssim": float(sums[1]) / n,
-            "val_psnr_occluded": float(sums[2]) / max(float(sums[3]), 1.0),
-            "val_nme": float(sums[4]) / max(float(sums[5]), 1.0)}
+    out = {"val_psnr": float(sums[0]) / n, "val_ssim": float(sums[1]) / n,
+           "val_psnr_occluded": float(sums[2]) / max(float(sums[3]), 1.0)}
+    if sums[5] > 0:
+        out["val_nme"] = float(sums[4]) / float(sums[5])
+    return out
 
 
 def image_grid(generator, batch: dict, device, n: int = 4):
@@ -121,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step_fn = GANStep(g, d_global, d_local, weights, cfg.train.lr_g, cfg.train.lr_d, cfg.data.heatmap_sigma,
                       amp_dtype=amp, vgg=vgg)
 
-    start = 0
+    start, elapsed_before = 0, 0.0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -130,6 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             (module.module if hasattr(module, "module") else module).load_state_dict(state[key])
         step_fn.load_state_dict(state["optimizers"])
         start = int(state["step"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         if rank == 0:
             print(f"[train] resumed from step {start}", flush=True)
 
@@ -147,15 +169,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         import mlflow
 
         client = mlflow.MlflowClient()
-    t_last, n_last = time.time(), 0
+    base_lr = [pg["lr"] for pg in step_fn.opt_g.param_groups]
+    t_loop = t_last = time.time()
+    n_last = 0
+    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     for step in range(start + 1, cfg.train.steps + 1):
+        elapsed = elapsed_before + time.time() - t_loop
+        done = progress(step - 1, cfg.train.steps, elapsed, budget_s)  # rank 0's clock decides for all
+        if done >= 1.0 and step == start + 1:
+            break  # resumed a run whose budget was already spent
+        done = min(done, 1.0)  # the run ends below, where `last` is decided
+        if cfg.train.lr_schedule == "cosine":
+            f = 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * done))
+            for pg, lr0 in zip(step_fn.opt_g.param_groups, base_lr, strict=True):
+                pg["lr"] = lr0 * f
+        step_fn.adversarial = cfg.loss.adversarial > 0 and done >= cfg.train.adversarial_start
         batch = _to(next(loader), device)
         logs = step_fn.step(batch)
+        last = step == cfg.train.steps or (budget_s is not None and progress(
+            step, cfg.train.steps, elapsed_before + time.time() - t_loop, budget_s) >= 1.0)
         n_last += len(batch["lr"]) * world
         if client is not None and (step % 10 == 0 or step == start + 1):
             client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"train/{k}", v, int(time.time() * 1000), step)
                                               for k, v in logs.items() if np.isfinite(v)])
-        if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.val_every == 0 or last:
             metrics = validate(g, val_loader, device, cfg.data.heatmap_sigma)
             dt = time.time() - t_last
             metrics.update({"step": step, "samples_per_s": n_last / max(dt, 1e-9), **{f"train_{k}": v for k, v in
@@ -165,6 +202,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     state = {**generator_state(g), "d_global": _state(d_global), "d_local": _state(d_local),
                              "optimizers": step_fn.state_dict(), "step": step, "config": loop_config["config"],
+                             "elapsed_s": elapsed_before + time.time() - t_loop,
                              "manifest_digest": manifest.get("digest", mf.digest(manifest))}
                     torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                     if client is not None:
@@ -173,6 +211,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      checkpoint_dir_name=f"step_{step:07d}")
             else:
                 ray.train.report(metrics)
+        if last:
+            break
+
+
+def progress(step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far the run is, 0..1: by steps, or by the wall-time budget when that comes first.  Under DDP every
+    rank takes rank 0's value (broadcast), so all stop on the same step and schedules agree."""
+    import torch
+    import torch.distributed as dist
+
+    done = step / steps
+    if budget_s is not None:
+        done = max(done, elapsed_s / budget_s)
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([done], dtype=torch.float64)
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.broadcast(t, src=0)
+            done = float(t[0])
+    return done
 
 
 def _state(module) -> dict:
@@ -223,8 +281,9 @@ def find_or_start_run(cfg, manifest: dict) -> str:
     return run.info.run_id
 
 
-def fit(cfg, manifest_uri: str, run_id: str | None):
-    """Build and run the TorchTrainer for a resolved config (Ray must be initialised); -> ray.train.Result."""
+def fit(cfg, manifest_uri: str, run_id: str | None, callbacks: list | None = None):
+    """Build and run the TorchTrainer for a resolved config (Ray must be initialised); -> ray.train.Result.
+    ``callbacks``: Ray Train callbacks (``prouigan tune`` passes Tune's report callback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -235,7 +294,7 @@ def fit(cfg, manifest_uri: str, run_id: str | None):
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, **storage_args(cfg.train.storage),
+            name=cfg.name, **storage_args(cfg.train.storage), callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
                                                          checkpoint_score_attribute="val_psnr",
@@ -249,8 +308,13 @@ def run(args) -> int:
     from prouigan_platform.dataset import manifest as mf
     from prouigan_platform.runtime import init_ray, use_embedded_stack
 
-    cfg = config_from_args(args)
     use_embedded_stack()
+    if getattr(args, "from_tune", None):
+        if args.config:
+            raise SystemExit("prouigan: error: give --config or --from-tune, not both")
+        cfg = config_from_tune(args.from_tune, args.overrides)
+    else:
+        cfg = config_from_args(args)
     manifest = mf.load(cfg.train.dataset or cfg.data.output)
     run_id = find_or_start_run(cfg, manifest) if os.environ.get("MLFLOW_TRACKING_URI") else None
     if run_id is None:

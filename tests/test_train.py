@@ -121,3 +121,28 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_the_step_count_continu
     resumed = [int(line.rsplit(" ", 1)[-1]) for line in log.splitlines() if "[train] resumed from step" in line]
     assert resumed and min(resumed) >= 8, log[-4000:]
     assert (ckdir / "step_0000040").exists()
+
+
+def test_progress_takes_the_step_count_or_the_time_budget_whichever_comes_first():
+    from pipelines.train import progress
+
+    assert progress(5, 10, 0.0, None) == 0.5
+    assert progress(1, 100, 30.0, 60.0) == 0.5
+    assert progress(90, 100, 30.0, 60.0) == 0.9
+
+
+def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
+    """train.max_minutes stops a run that would take 100000 steps; the last step is validated and checkpointed,
+    with the cosine schedule and the late discriminators on the way."""
+    import torch
+
+    common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=budget",
+              "tracking.experiment=budget", "train.num_workers=2", "train.steps=100000", "train.val_every=5",
+              "train.max_minutes=0.3", "train.lr_schedule=cosine", "train.adversarial_start=0.5"]
+    assert _cli(stack, "shard", *common).returncode == 0
+    out = _cli(stack, "train", *common)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "ck" / "budget").glob("step_*"))
+    assert steps and 0 < steps[-1] < 100000
+    state = torch.load(tmp_path / "ck" / "budget" / f"step_{steps[-1]:07d}" / "state.pt", weights_only=True)
+    assert state["step"] == steps[-1] and 18 <= state["elapsed_s"] < 120

@@ -70,12 +70,13 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "cpu-small", "gpu-paper"] = "cpu-small"
+    preset: Literal["tiny", "cpu-small", "cpu-small-plain", "gpu-paper"] = "cpu-small"
     overrides: dict[str, int | float | list[int]] = {}  # fields of prouigan.GeneratorConfig to change
 
 
 class LossConfig(_Section):
     pixel: float = Field(default=1.0, ge=0.0)  # per-stage MSE at each stage's resolution
+    pixel_l1: float = Field(default=0.0, ge=0.0)  # per-stage L1 (the plain CNN baseline's only loss)
     heatmap: float = Field(default=0.1, ge=0.0)  # per-stage prior (landmark heatmap) MSE
     adversarial: float = Field(default=1e-3, ge=0.0)  # LSGAN generator term, last stage
     tv: float = Field(default=1e-5, ge=0.0)  # total variation of every stage output
@@ -90,8 +91,11 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     batch_size: int = Field(default=16, ge=1)  # per worker
     steps: int = Field(default=2000, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0.0)  # wall-time budget of the training loop; None: steps
     lr_g: float = Field(default=2e-4, gt=0.0)
     lr_d: float = Field(default=1e-4, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: G's lr decays to 2% over the run
+    adversarial_start: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of the run before the Ds join
     bf16: bool = True  # autocast on GPU only
     val_every: int = Field(default=250, ge=1)
     val_samples: int = Field(default=64, ge=1)
@@ -107,6 +111,48 @@ class TrackingConfig(_Section):
     registered_model: str = "prouigan"
 
 
+class SearchRange(_Section):
+    low: float = Field(gt=0.0)
+    high: float = Field(gt=0.0)
+    log: bool = True  # log-uniform (the default for loss weights and learning rates)
+
+    @field_validator("high")
+    @classmethod
+    def _ordered(cls, v: float, info) -> float:
+        if "low" in info.data and v <= info.data["low"]:
+            raise ValueError(f"high ({v}) must be above low ({info.data['low']})")
+        return v
+
+
+SEARCHABLE = ("loss.pixel", "loss.pixel_l1", "loss.heatmap", "loss.adversarial", "loss.tv", "loss.perceptual",
+              "loss.style", "train.lr_g", "train.lr_d")
+
+
+class TuneConfig(_Section):
+    trials: int = Field(default=8, ge=1)  # trials one `prouigan tune` adds to the study
+    metric: Literal["val_psnr", "val_psnr_occluded", "val_ssim"] = "val_psnr"  # maximised
+    space: dict[str, SearchRange] = {
+        "loss.heatmap": SearchRange(low=0.01, high=1.0),
+        "loss.adversarial": SearchRange(low=1e-5, high=1e-2),
+        "loss.tv": SearchRange(low=1e-7, high=1e-3),
+    }
+    start_with_defaults: bool = True  # a new study's first trial runs the config's own values (the baseline)
+    grace_period: int = Field(default=1, ge=1)  # validation reports before ASHA may stop a trial
+    reduction_factor: int = Field(default=2, ge=2)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)  # default: what the cluster's CPUs/GPUs fit
+    study_storage: str | None = None  # Optuna RDB URL; default sqlite in the platform state folder
+
+    @field_validator("space")
+    @classmethod
+    def _searchable(cls, v: dict) -> dict:
+        bad = sorted(set(v) - set(SEARCHABLE))
+        if bad:
+            raise ValueError(f"cannot search {bad}; searchable keys: {', '.join(SEARCHABLE)}")
+        if not v:
+            raise ValueError("the search space is empty")
+        return v
+
+
 class Config(_Section):
     name: str = "prouigan"  # run / experiment-version name; resume uses it
     seed: int = 0
@@ -115,6 +161,7 @@ class Config(_Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"train.steps": 2000, ...}``: what MLflow logs as params."""

@@ -53,6 +53,8 @@ def init_ray(**kwargs):
     env_vars = {k: os.environ[k] for k in (*stack.StackSpec().env(), "PROUIGAN_STATE_DIR") if k in os.environ}
     runtime_env = kwargs.pop("runtime_env", {}) or {}
     runtime_env.setdefault("env_vars", {}).update(env_vars)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env=runtime_env,
+    # without RAY_ADDRESS: a fresh local Ray, never whatever /tmp/ray says was last started here (after a
+    # reboot that record points at a dead cluster and ray.init would wait on it for minutes)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=runtime_env,
              log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
     return ray

@@ -63,3 +63,32 @@ def landmarks_in_box(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndar
 
     shape = _predictor()(np.ascontiguousarray(rgb, dtype=np.uint8), dlib.rectangle(*map(int, box)))
     return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
+
+
+@lru_cache(maxsize=1)
+def _face_encoder():
+    dlib = require_dlib()
+    return dlib.face_recognition_model_v1(str(model_dir() / "dlib_face_recognition_resnet_model_v1.dat"))
+
+
+def describe(rgb: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """dlib's 68 points and 128-d identity embedding (public-domain ResNet) for the face in ``box``."""
+    import dlib
+
+    img = np.ascontiguousarray(rgb, dtype=np.uint8)
+    shape = _predictor()(img, dlib.rectangle(*map(int, box)))
+    points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
+    return points, np.asarray(_face_encoder().compute_face_descriptor(img, shape), np.float64)
+
+
+def face_box(rgb: np.ndarray, fallback_points: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+    """The largest box dlib's HOG detector finds (image upsampled once), else the box of ``fallback_points``."""
+    img = np.ascontiguousarray(rgb, dtype=np.uint8)
+    dets = sorted(_detector()(img, 1), key=lambda r: -r.area())
+    if dets:
+        d = dets[0]
+        return d.left(), d.top(), d.right(), d.bottom()
+    if fallback_points is None:
+        return None
+    (x0, y0), (x1, y1) = fallback_points.min(0), fallback_points.max(0)
+    return int(x0), int(y0), int(x1), int(y1)
