@@ -4,6 +4,8 @@ loopback ports (one per test session), small aligned faces for model tests."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = Path(os.environ.get("PROUIGAN_SHARED_FACES", REPO.parent / "shared" / "faces"))
+
+
+def run_cli(stack, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`prouigan ARGS` in a subprocess pointed at the test stack (as a user's shell would be)."""
+    env = {**os.environ, **stack.env(), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "prouigan_platform.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
 
 
 def read_pts(path: Path) -> np.ndarray:

@@ -14,15 +14,13 @@ import pytest
 from PIL import Image
 
 from prouigan_platform.storage import boto3_client
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.stack
 
 
-def _cli(stack, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **stack.env(), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "prouigan_platform.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
+def _cli(stack, *args: str, timeout: int = 900):
+    return run_cli(stack, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

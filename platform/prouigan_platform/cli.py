@@ -17,6 +17,7 @@ PIPELINES = {
     "synth": "pipelines.synth",
     "shard": "pipelines.shard",
     "train": "pipelines.train",
+    "tune": "pipelines.tune",
     "hallucinate": "pipelines.hallucinate",
 }
 
