@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -87,7 +86,7 @@ def train_variant(args: tuple) -> dict:
     from prouigan.degradation import upsample_bicubic
     from prouigan.metrics import masked_psnr, psnr, ssim
     from prouigan.occlusion import seed_from_key
-    from prouigan.training import GANStep
+    from prouigan.training import GANStep, cosine_factor
 
     if cores:
         os.sched_setaffinity(0, cores)
@@ -107,12 +106,10 @@ def train_variant(args: tuple) -> dict:
     rng = np.random.default_rng(0)
     bs, n, t0, steps = variant.get("batch", 16), len(tr[0]), time.time(), 0
     while (steps < max_steps) if max_steps else (time.time() - t0 < seconds):
-        if schedule == "cosine":
-            done = steps / max_steps if max_steps else (time.time() - t0) / seconds
-            f = 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-            for pg, b in zip(step.opt_g.param_groups, base, strict=True):
-                pg["lr"] = b * (0.02 + 0.98 * f)
         done = steps / max_steps if max_steps else (time.time() - t0) / seconds
+        if schedule == "cosine":
+            for pg, b in zip(step.opt_g.param_groups, base, strict=True):
+                pg["lr"] = b * cosine_factor(done)
         step.adversarial = step.weights.adversarial > 0 and done >= variant.get("adv_start", 0)
         idx = rng.integers(0, n, bs)
         batch = {k: v.to(device) for k, v in make_batch(*tr, idx, lambda i: rng).items()}

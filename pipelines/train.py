@@ -12,7 +12,6 @@ resumes from the latest checkpoint; ``train.max_failures`` restarts lost workers
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
@@ -115,7 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from prouigan import LossWeights, ProUIGANGenerator, build_discriminators, generator_config
     from prouigan.inference import generator_state
     from prouigan.losses import perceptual_network
-    from prouigan.training import GANStep
+    from prouigan.training import GANStep, cosine_factor
     from prouigan_platform.config import Config
     from prouigan_platform.dataset import manifest as mf
     from prouigan_platform.dataset.reader import FaceShards
@@ -173,21 +172,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t_loop = t_last = time.time()
     n_last = 0
     budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+    done = progress(start, cfg.train.steps, elapsed_before, budget_s)  # rank 0's clock decides for all
     for step in range(start + 1, cfg.train.steps + 1):
-        elapsed = elapsed_before + time.time() - t_loop
-        done = progress(step - 1, cfg.train.steps, elapsed, budget_s)  # rank 0's clock decides for all
-        if done >= 1.0 and step == start + 1:
+        if done >= 1.0:
             break  # resumed a run whose budget was already spent
-        done = min(done, 1.0)  # the run ends below, where `last` is decided
         if cfg.train.lr_schedule == "cosine":
-            f = 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * done))
             for pg, lr0 in zip(step_fn.opt_g.param_groups, base_lr, strict=True):
-                pg["lr"] = lr0 * f
+                pg["lr"] = lr0 * cosine_factor(done)
         step_fn.adversarial = cfg.loss.adversarial > 0 and done >= cfg.train.adversarial_start
         batch = _to(next(loader), device)
         logs = step_fn.step(batch)
-        last = step == cfg.train.steps or (budget_s is not None and progress(
-            step, cfg.train.steps, elapsed_before + time.time() - t_loop, budget_s) >= 1.0)
+        # one broadcast per step: this progress ends the run here or drives the next step's schedule
+        done = progress(step, cfg.train.steps, elapsed_before + time.time() - t_loop, budget_s)
+        last = step == cfg.train.steps or done >= 1.0
         n_last += len(batch["lr"]) * world
         if client is not None and (step % 10 == 0 or step == start + 1):
             client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"train/{k}", v, int(time.time() * 1000), step)

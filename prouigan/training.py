@@ -7,6 +7,7 @@ directly.  Batches are dicts of tensors:
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -15,6 +16,11 @@ from torch import nn
 from prouigan.discriminators import local_crop_boxes
 from prouigan.landmarks import heatmaps
 from prouigan.losses import LossWeights, VGGFeatures, discriminator_loss, generator_loss
+
+
+def cosine_factor(progress: float, floor: float = 0.02) -> float:
+    """Learning-rate multiplier at ``progress`` (0..1) of a run: cosine from 1 down to ``floor``."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

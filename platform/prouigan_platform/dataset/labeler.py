@@ -62,6 +62,10 @@ def landmarks_in_box(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndar
     import dlib
 
     shape = _predictor()(np.ascontiguousarray(rgb, dtype=np.uint8), dlib.rectangle(*map(int, box)))
+    return _points(shape)
+
+
+def _points(shape) -> np.ndarray:
     return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
 
 
@@ -77,8 +81,7 @@ def describe(rgb: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarra
 
     img = np.ascontiguousarray(rgb, dtype=np.uint8)
     shape = _predictor()(img, dlib.rectangle(*map(int, box)))
-    points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
-    return points, np.asarray(_face_encoder().compute_face_descriptor(img, shape), np.float64)
+    return _points(shape), np.asarray(_face_encoder().compute_face_descriptor(img, shape), np.float64)
 
 
 def face_box(rgb: np.ndarray, fallback_points: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
