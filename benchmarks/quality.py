@@ -9,6 +9,7 @@ training), is degraded to 16x16, and is restored by bicubic upsampling and by ea
       dataset's 300-W ground truth,
   identity distance: Euclidean distance between dlib's 128-d face embeddings of restored and original face
       (same-person threshold in dlib's documentation: 0.6).
+The metrics are those of ``prouigan evaluate`` (``prouigan_platform.evaluation``), for several models at once.
 Needs the ``eval`` extra (dlib).  Writes a table (stdout, JSON) and a picture grid.
 
     .venv/bin/python benchmarks/quality.py --dataset /path/manifests/v0001.json \\
@@ -27,20 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def load_generator(path: str):
-    from prouigan.inference import Hallucinator
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "state.pt"
-    return Hallucinator.load(p)
-
-
-def to_u8(x) -> np.ndarray:
-    """(B,3,H,W) float [0,1] -> (B,H,W,3) uint8."""
-    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, help="manifest URI of a dataset version")
@@ -53,14 +40,10 @@ def main() -> None:
 
     import torch
     from PIL import Image
-    from torch.utils.data import DataLoader
 
-    from prouigan.degradation import upsample_bicubic
-    from prouigan.landmarks import nme
-    from prouigan.metrics import masked_psnr, psnr, ssim
     from prouigan_platform.config import DataConfig
-    from prouigan_platform.dataset.labeler import describe, face_box
-    from prouigan_platform.dataset.reader import FaceShards
+    from prouigan_platform.evaluation import BICUBIC, evaluate, load_split, table_rows, to_u8
+    from prouigan_platform.registry import resolve_model
 
     torch.set_num_threads(2)
     models = {}
@@ -68,54 +51,26 @@ def main() -> None:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--model wants NAME=checkpoint, got {spec!r}")
-        models[name] = load_generator(path)
-    ds = FaceShards(a.dataset, a.split, DataConfig())
-    batches = list(DataLoader(ds, batch_size=32))
-    lr = torch.cat([b["lr"] for b in batches])
-    hr = torch.cat([b["hr"] for b in batches])
-    mask = torch.cat([b["mask"] for b in batches])
-    gt = torch.cat([b["landmarks"] for b in batches]).double()
-    has = torch.cat([b["has_landmarks"] for b in batches])
-    outputs = {"bicubic": upsample_bicubic(lr).clamp(0, 1)}
-    for name, h in models.items():
-        outputs[name] = h(lr)
-    hr_u8 = to_u8(hr)
-    boxes = [face_box(img, gt[i].numpy() if has[i] else None) for i, img in enumerate(hr_u8)]
-    ref = [describe(img, box) if box else None for img, box in zip(hr_u8, boxes, strict=True)]
-    print(f"{len(hr)} {a.split} faces ({int(has.sum())} with 68-point ground truth)")
-
-    results = {}
-    rows = [("original (dlib on the HR face)", hr)] + list(outputs.items())
-    for name, out in rows:
-        out_u8 = to_u8(out)
-        nmes, ids = [], []
-        for i, img in enumerate(out_u8):
-            if ref[i] is None:
-                continue
-            pts, emb = describe(img, boxes[i])
-            if has[i]:
-                nmes.append(float(nme(torch.from_numpy(pts)[None], gt[i][None])[0]))
-            ids.append(float(np.linalg.norm(emb - ref[i][1])))
-        mp = masked_psnr(out, hr, mask)
-        results[name] = {"psnr": float(psnr(out, hr).mean()), "ssim": float(ssim(out, hr).mean()),
-                         "psnr_occluded": float(torch.nanmean(mp)), "nme": float(np.mean(nmes)),
-                         "identity_distance": float(np.mean(ids)), "faces": len(out)}
-    print(f"\n{'method':32s} {'PSNR':>6s} {'SSIM':>6s} {'occl.PSNR':>9s} {'NME':>7s} {'id.dist':>7s}")
-    for name, r in results.items():
-        print(f"{name:32s} {r['psnr']:6.2f} {r['ssim']:6.3f} {r['psnr_occluded']:9.2f} {r['nme']:7.4f} "
-              f"{r['identity_distance']:7.3f}")
+        models[name] = resolve_model(path)
+    data = load_split(a.dataset, a.split, DataConfig())
+    print(f"{len(data.keys)} {a.split} faces ({int(data.has_landmarks.sum())} with 68-point ground truth)")
+    ev = evaluate(models, data)
+    head, rows = table_rows(ev)
+    print("\n" + " | ".join(head))
+    for r in rows:
+        print(" | ".join(r))
     Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json_out).write_text(json.dumps({"dataset": a.dataset, "models": a.model, "results": results}, indent=1))
+    Path(a.json_out).write_text(json.dumps({"models": a.model, **ev.to_json()}, indent=1))
 
     # grid: occluded input (nearest x8) | bicubic | each model | original
-    n = min(a.grid_rows, len(hr))
-    pick = np.linspace(0, len(hr) - 1, n).round().astype(int)
-    cols = [torch.nn.functional.interpolate(lr[pick], size=128, mode="nearest")]
-    cols += [o[pick] for o in outputs.values()] + [hr[pick]]
+    n = min(a.grid_rows, len(data.keys))
+    pick = np.linspace(0, len(data.keys) - 1, n).round().astype(int)
+    cols = [torch.nn.functional.interpolate(data.lr[pick], size=128, mode="nearest")]
+    cols += [m.final[pick] for m in ev.methods.values()] + [data.hr[pick]]
     grid = torch.cat([torch.cat([c[i] for c in cols], dim=2) for i in range(n)], dim=1)
     Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_u8(grid[None])[0]).save(a.grid)
-    print(f"\ngrid ({' | '.join(['input', *outputs, 'original'])}) -> {a.grid}")
+    print(f"\ngrid ({' | '.join(['input', BICUBIC, *models, 'original'])}) -> {a.grid}")
 
 
 if __name__ == "__main__":

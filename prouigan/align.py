@@ -121,3 +121,40 @@ def align(image: np.ndarray | Image.Image, eye_left, eye_right, mouth_left, mout
     out = Image.fromarray(img).transform((size, size), Image.QUAD, tuple((q + 0.0).flatten()), Image.BICUBIC)
     lm_out = None if landmarks is None else source_to_output(landmarks, quad, size)
     return AlignedFace(np.asarray(out), lm_out, native, quad, padded)
+
+
+def face_mask(size: int = 128, feather: float = 0.12) -> np.ndarray:
+    """(size, size) float weights in [0, 1] for pasting an aligned face back: an ellipse over the face
+    (the square's centre, a little low, where the FFHQ crop puts brows to chin), 1 inside and fading to 0
+    over ``feather`` of its radius; exactly 0 well inside the square's border."""
+    c = (np.arange(size) + 0.5) / size  # pixel centres in [0, 1]
+    y, x = np.meshgrid(c, c, indexing="ij")
+    r = np.sqrt(((x - 0.5) / 0.36) ** 2 + ((y - 0.54) / 0.42) ** 2)  # 1 on the ellipse
+    return np.clip((1.0 - r) / feather, 0.0, 1.0).astype(np.float32)
+
+
+def paste_back(photo: np.ndarray, face: np.ndarray, quad: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Put an aligned ``face`` (S, S, 3) back into ``photo`` (H, W, 3) through the inverse of the alignment
+    ``quad``, blended with ``mask`` (``face_mask`` by default).  Pixels the mask does not reach are unchanged."""
+    size = face.shape[0]
+    mask = face_mask(size) if mask is None else mask
+    h, w = photo.shape[:2]
+    lo = np.floor(quad.min(0)).astype(int) - 1
+    hi = np.ceil(quad.max(0)).astype(int) + 1
+    x0, y0, x1, y1 = max(lo[0], 0), max(lo[1], 0), min(hi[0], w), min(hi[1], h)
+    if x1 <= x0 or y1 <= y0:
+        return photo.copy()
+    # PIL's affine maps output pixel-corner coordinates to input ones: face = A^-1 (photo - quad[0]) / (1 / size)
+    a = np.stack([quad[3] - quad[0], quad[1] - quad[0]], 1) / size
+    inv = np.linalg.inv(a)
+    off = inv @ (np.array([x0, y0], np.float64) - quad[0])
+    coeffs = (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1])
+    box = (x1 - x0, y1 - y0)
+    warped = np.asarray(Image.fromarray(face).transform(box, Image.AFFINE, coeffs, Image.BILINEAR), np.float32)
+    m = np.asarray(Image.fromarray(mask, mode="F").transform(box, Image.AFFINE, coeffs, Image.BILINEAR),
+                   np.float32)[..., None]
+    out = photo.copy()
+    region = out[y0:y1, x0:x1].astype(np.float32)
+    blended = np.clip(region * (1 - m) + warped * m, 0, 255).round().astype(np.uint8)
+    out[y0:y1, x0:x1] = np.where(m > 0, blended, out[y0:y1, x0:x1])
+    return out

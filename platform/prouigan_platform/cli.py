@@ -19,6 +19,8 @@ PIPELINES = {
     "train": "pipelines.train",
     "tune": "pipelines.tune",
     "hallucinate": "pipelines.hallucinate",
+    "evaluate": "pipelines.evaluate",
+    "restore": "pipelines.restore",
 }
 
 

@@ -153,6 +153,26 @@ class TuneConfig(_Section):
         return v
 
 
+GATE_METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "match_rate")
+
+
+class EvalConfig(_Section):
+    split: Literal["train", "val", "test"] = "test"
+    gate_metrics: list[str] = ["psnr", "nme"]  # the candidate must beat the champion on every one of these
+    dlib: bool = True  # NME and identity metrics (the ``eval`` extra); off: skipped and never gated on
+    batch_size: int = Field(default=64, ge=1)
+    cases: int = Field(default=4, ge=1)  # best and worst faces in the report picture
+    limit: int | None = Field(default=None, ge=1)  # evaluate only the first N faces (a partial evaluation)
+
+    @field_validator("gate_metrics")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = sorted(set(v) - set(GATE_METRICS))
+        if bad or not v:
+            raise ValueError(f"unknown gate metric(s) {bad}; choose from {', '.join(GATE_METRICS)}")
+        return v
+
+
 class Config(_Section):
     name: str = "prouigan"  # run / experiment-version name; resume uses it
     seed: int = 0
@@ -162,6 +182,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"train.steps": 2000, ...}``: what MLflow logs as params."""

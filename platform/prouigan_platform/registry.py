@@ -67,3 +67,30 @@ def resolve_model(model: str, device: str = "cpu") -> Hallucinator:
     if not p.is_file():
         raise FileNotFoundError(f"model not found: {model} (a checkpoint file or folder, runs:/... or models:/...)")
     return Hallucinator.load(p, device)
+
+
+def registered_version(model: str):
+    """The registry version a ``models:/name@alias`` or ``models:/name/version`` URI names (else None)."""
+    if not model.startswith("models:/"):
+        return None
+    ref = model[len("models:/"):].rstrip("/")
+    client = mlflow.MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = ref.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model}")
+    return client.get_model_version(name, version)
+
+
+def alias_version(name: str, alias: str):
+    """The version ``alias`` points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
