@@ -109,8 +109,10 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
         d = gate.decide(ev.methods["model"].summary, ev.methods["champion"].summary if champion else None,
                         cfg.eval.gate_metrics, problems, champion.version if champion else None)
         if d.promote:
+            from prouigan_platform.locks import registry_lock
+
             moved, why = gate.move_champion(version.name, version.version, champion.version if champion else None,
-                                            lock=lock)
+                                            lock=lock or registry_lock(cfg, version.name))
             if not moved:
                 d.promote, d.reason = False, why
         gate.record(version.name, version.version, d, context)

@@ -57,7 +57,7 @@ def run(args) -> int:
         p = result.parent
         print(f"shard: nothing new — dataset version v{p['version']:04d} ({p['_uri']}) is current")
         return 0
-    _summary(result)
+    print_summary(result)
     if result.processed and not result.new_shards:
         reasons = Counter(q["reason"] for q in result.quarantined).most_common(1)
         print(f"prouigan shard: error: none of the {result.processed} inputs was accepted (most common reason: "
@@ -67,7 +67,7 @@ def run(args) -> int:
     return 0
 
 
-def _summary(r) -> None:
+def print_summary(r) -> None:
     m = r.manifest
     accepted = sum(int(s["count"]) for s in r.new_shards)
     reasons = Counter(q["reason"] for q in r.quarantined)

@@ -153,6 +153,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         elapsed_before = float(state.get("elapsed_s", 0.0))
         if rank == 0:
             print(f"[train] resumed from step {start}", flush=True)
+    elif loop_config.get("init_generator") is not None:  # fine-tuning (retrain): G starts from a given model
+        (g.module if hasattr(g, "module") else g).load_state_dict(loop_config["init_generator"])
+        if rank == 0:
+            print(f"[train] generator initialised from {loop_config.get('init_from')}", flush=True)
+    print(f"[train] worker world_rank={rank} of {world} on node {ray.get_runtime_context().get_node_id()} "
+          f"pid {os.getpid()}", flush=True)
 
     train_ds = FaceShards(manifest, "train", cfg.data, rank=rank, world_size=world, seed=cfg.seed + start,
                           epochs=None)
@@ -278,18 +284,21 @@ def find_or_start_run(cfg, manifest: dict) -> str:
     return run.info.run_id
 
 
-def fit(cfg, manifest_uri: str, run_id: str | None, callbacks: list | None = None):
+def fit(cfg, manifest_uri: str, run_id: str | None, callbacks: list | None = None, init: dict | None = None):
     """Build and run the TorchTrainer for a resolved config (Ray must be initialised); -> ray.train.Result.
-    ``callbacks``: Ray Train callbacks (``prouigan tune`` passes Tune's report callback)."""
+    ``callbacks``: Ray Train callbacks (``prouigan tune`` passes Tune's report callback).
+    ``init``: {"from": MODEL, "generator": state dict} to fine-tune from (used when there is no checkpoint)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest_uri,
-                           "mlflow_run_id": run_id},
+                           "mlflow_run_id": run_id, "init_generator": (init or {}).get("generator"),
+                           "init_from": (init or {}).get("from")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                               placement_strategy=cfg.train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.name, **storage_args(cfg.train.storage), callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -313,17 +322,36 @@ def run(args) -> int:
     else:
         cfg = config_from_args(args)
     manifest = mf.load(cfg.train.dataset or cfg.data.output)
-    run_id = find_or_start_run(cfg, manifest) if os.environ.get("MLFLOW_TRACKING_URI") else None
+    init_ray(log_to_driver=True)
+    out = train_and_register(cfg, manifest)
+    return 0 if out["checkpoint"] and (out["version"] or _tracking_off()) else 1
+
+
+def _tracking_off() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def train_and_register(cfg, manifest: dict, init: dict | None = None, tags: dict | None = None) -> dict:
+    """Train (or resume) ``cfg.name`` on a dataset version and register its best checkpoint as a new version of
+    ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
+    -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}."""
+    run_id = None if _tracking_off() else find_or_start_run(cfg, manifest)
     if run_id is None:
         print("[train] MLFLOW_TRACKING_URI not set: training without tracking", file=sys.stderr)
-    init_ray(log_to_driver=True)
-    result = fit(cfg, manifest["_uri"], run_id)
+    elif tags:
+        import mlflow
+
+        for k, v in tags.items():
+            mlflow.MlflowClient().set_tag(run_id, k, v)
+    result = fit(cfg, manifest["_uri"], run_id, init=init)
+    out = {"run_id": run_id, "checkpoint": None, "version": None}
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
     print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     if best is None:
         print("[train] no checkpoint was reported; nothing to register", file=sys.stderr)
-        return 1
+        return out
     ckpt_uri = f"{cfg.train.storage.rstrip('/')}/{cfg.name}/{Path(best[0].path).name}"
+    out["checkpoint"] = ckpt_uri
     print(f"[train] best checkpoint {ckpt_uri}: val_psnr {best[1]['val_psnr']:.2f} dB at step {best[1]['step']}")
     if run_id:
         import mlflow
@@ -337,14 +365,16 @@ def run(args) -> int:
         tags = client.get_run(run_id).data.tags
         if tags.get("registered_checkpoint") == ckpt_uri:  # a re-run that trained nothing new
             print(f"[train] {ckpt_uri} is already registered ({tags['registered_version']})")
-            return 0
+            out["version"] = tags["registered_version"]
+            return out
         with best[0].as_directory() as d:
             version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model)
         uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
         client.set_tag(run_id, "registered_checkpoint", ckpt_uri)
         client.set_tag(run_id, "registered_version", uri)
         print(f"[train] registered {uri} (alias @challenger), run {run_id}")
-    return 0
+        out["version"] = uri
+    return out
 
 
 if __name__ == "__main__":

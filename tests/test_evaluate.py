@@ -45,8 +45,8 @@ def _generator_file(kind: str, path) -> str:
     return str(path)
 
 
-def _register(stack, kind: str, tmp_path) -> str:
-    """A new registered version of MODEL holding the ``kind`` generator; returns its version number."""
+def _register(stack, kind: str, tmp_path, model: str = MODEL) -> str:
+    """A new registered version of ``model`` holding the ``kind`` generator; returns its version number."""
     from prouigan_platform.registry import log_and_register
 
     os.environ.update(stack.env())
@@ -55,7 +55,7 @@ def _register(stack, kind: str, tmp_path) -> str:
     with mlflow.start_run(run_name=f"{kind}-generator") as run:
         pass
     gen = _generator_file(kind, tmp_path / f"{kind}.pt")
-    return log_and_register(gen, run.info.run_id, MODEL, "challenger").version
+    return log_and_register(gen, run.info.run_id, model, "challenger").version
 
 
 @pytest.fixture(scope="module")

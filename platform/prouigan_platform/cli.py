@@ -21,6 +21,7 @@ PIPELINES = {
     "hallucinate": "pipelines.hallucinate",
     "evaluate": "pipelines.evaluate",
     "restore": "pipelines.restore",
+    "retrain": "pipelines.retrain",
 }
 
 

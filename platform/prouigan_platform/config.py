@@ -89,6 +89,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
     batch_size: int = Field(default=16, ge=1)  # per worker
     steps: int = Field(default=2000, ge=1)
     max_minutes: float | None = Field(default=None, gt=0.0)  # wall-time budget of the training loop; None: steps

@@ -63,6 +63,7 @@ class SplitData:
 
 
 def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | None = None) -> SplitData:
+    """Every face of ``split`` (or the first ``limit``: then the evaluation is partial and never gates)."""
     from torch.utils.data import DataLoader
 
     from prouigan_platform.dataset.reader import FaceShards
@@ -78,8 +79,7 @@ def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | Non
     cat = lambda k: torch.cat([b[k] for b in batches])  # noqa: E731
     keys = [k for b in batches for k in b["key"]]
     return SplitData(cat("lr"), cat("hr"), cat("mask"), cat("landmarks").double(), cat("has_landmarks"), keys,
-                     manifest_uri, m.get("digest", ""), split, min(expected, limit or expected),
-                     ds.stats["bad_shards"])
+                     manifest_uri, m.get("digest", ""), split, expected, ds.stats["bad_shards"])
 
 
 def to_u8(x: torch.Tensor) -> np.ndarray:

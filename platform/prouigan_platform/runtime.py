@@ -52,7 +52,10 @@ def init_ray(**kwargs):
         return ray
     env_vars = {k: os.environ[k] for k in (*stack.StackSpec().env(), "PROUIGAN_STATE_DIR") if k in os.environ}
     runtime_env = kwargs.pop("runtime_env", {}) or {}
-    runtime_env.setdefault("env_vars", {}).update(env_vars)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        runtime_env.setdefault("env_vars", {}).update(env_vars)
+    # else: a driver started by `ray job submit`: the job's runtime env (working_dir, env_vars) already reaches
+    # every worker, and Ray refuses a driver runtime env that repeats its keys
     # without RAY_ADDRESS: a fresh local Ray, never whatever /tmp/ray says was last started here (after a
     # reboot that record points at a dead cluster and ray.init would wait on it for minutes)
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=runtime_env,

@@ -80,3 +80,9 @@ def boto3_client():
     import boto3
 
     return boto3.client("s3", region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key

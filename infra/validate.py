@@ -1,0 +1,201 @@
+"""Validate every deployment file under infra/ and ray_cluster.yaml, offline.
+
+    python infra/validate.py            # prints one line per document; exit 1 on the first invalid file
+
+- Kubernetes objects: the Kubernetes OpenAPI schemas bundled with ``kubernetes-validate`` (strict: unknown
+  fields are errors), for the Kubernetes version below.
+- KubeRay objects (RayCluster, RayJob; ray.io/v1): the subset of the KubeRay v1 API these manifests use, as a
+  JSON schema written here (unknown fields are errors), and every pod template inside them as a Kubernetes
+  ``PodTemplate``.  The operator's own CRD is not needed, and nothing is fetched.
+- ray_cluster.yaml: Ray's own cluster-launcher validation (``ray.autoscaler``), as ``ray up`` runs it.
+- systemd units: ``systemd-analyze verify``-style checks that need no systemd: sections and keys, and the
+  timer's calendar expression through ``systemd-analyze calendar`` where that tool exists.
+- Dockerfile: the base image's Ray version and the torch pin match pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.33.0"
+
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_POD_TEMPLATE = {"type": "object", "required": ["spec"]}  # checked in full by the Kubernetes schema
+_WORKER_GROUP = {
+    "type": "object", "additionalProperties": False, "required": ["groupName", "rayStartParams", "template"],
+    "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
+                   "minReplicas": {"type": "integer", "minimum": 0}, "maxReplicas": {"type": "integer", "minimum": 0},
+                   "numOfHosts": {"type": "integer", "minimum": 1}, "suspend": {"type": "boolean"},
+                   "rayStartParams": _STR_MAP, "template": _POD_TEMPLATE,
+                   "scaleStrategy": {"type": "object"}, "idleTimeoutSeconds": {"type": "integer"}},
+}
+_CLUSTER_SPEC = {
+    "type": "object", "additionalProperties": False, "required": ["headGroupSpec"],
+    "properties": {
+        "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {"type": "object"},
+        "suspend": {"type": "boolean"},
+        "headServiceAnnotations": _STR_MAP,
+        "headGroupSpec": {
+            "type": "object", "additionalProperties": False, "required": ["rayStartParams", "template"],
+            "properties": {"serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                           "enableIngress": {"type": "boolean"}, "rayStartParams": _STR_MAP,
+                           "template": _POD_TEMPLATE, "headService": {"type": "object"}},
+        },
+        "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
+    },
+}
+_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}
+KUBERAY_SCHEMAS = {
+    "RayCluster": {"type": "object", "additionalProperties": False,
+                   "required": ["apiVersion", "kind", "metadata", "spec"],
+                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayCluster"},
+                                  "metadata": _META, "spec": _CLUSTER_SPEC}},
+    "RayJob": {
+        "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"}, "metadata": _META,
+            "spec": {
+                "type": "object", "additionalProperties": False, "required": ["entrypoint"],
+                "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
+                "properties": {
+                    "entrypoint": {"type": "string", "minLength": 1}, "runtimeEnvYAML": {"type": "string"},
+                    "jobId": {"type": "string"}, "metadata": _STR_MAP,
+                    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+                    "shutdownAfterJobFinishes": {"type": "boolean"},
+                    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                    "backoffLimit": {"type": "integer", "minimum": 0}, "suspend": {"type": "boolean"},
+                    "rayClusterSpec": _CLUSTER_SPEC, "clusterSelector": _STR_MAP,
+                    "submitterPodTemplate": _POD_TEMPLATE, "entrypointNumCpus": {"type": "number"},
+                    "entrypointNumGpus": {"type": "number"}, "entrypointResources": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+class Invalid(ValueError):
+    pass
+
+
+def _pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    spec = doc["spec"]
+    clusters = [spec] if doc["kind"] == "RayCluster" else [spec.get("rayClusterSpec") or {}]
+    out = []
+    for c in clusters:
+        if "headGroupSpec" in c:
+            out.append(("headGroupSpec.template", c["headGroupSpec"]["template"]))
+        for g in c.get("workerGroupSpecs", []):
+            out.append((f"workerGroupSpecs[{g['groupName']}].template", g["template"]))
+    if "submitterPodTemplate" in spec:
+        out.append(("submitterPodTemplate", spec["submitterPodTemplate"]))
+    return out
+
+
+def validate_k8s_document(doc: dict, where: str) -> str:
+    import jsonschema
+    import kubernetes_validate
+
+    kind = doc.get("kind")
+    try:
+        if kind in KUBERAY_SCHEMAS:
+            jsonschema.validate(doc, KUBERAY_SCHEMAS[kind])
+            for path, tmpl in _pod_templates(doc):
+                pt = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": tmpl}
+                try:
+                    kubernetes_validate.validate(pt, K8S_VERSION, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    raise Invalid(f"{where}: {kind} {path}: {e.message}") from None
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except jsonschema.ValidationError as e:
+        raise Invalid(f"{where}: {kind} at {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}") from None
+    except kubernetes_validate.ValidationError as e:
+        raise Invalid(f"{where}: {kind}: {e.message} (at {'/'.join(map(str, e.path))})") from None
+    except kubernetes_validate.SchemaNotFoundError as e:
+        raise Invalid(f"{where}: no Kubernetes schema for {doc.get('apiVersion')}/{kind}: {e}") from None
+    return f"{kind}/{doc['metadata']['name']}"
+
+
+def validate_k8s_file(path: Path) -> list[str]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    if not docs:
+        raise Invalid(f"{path}: no documents")
+    return [validate_k8s_document(d, str(path.relative_to(ROOT))) for d in docs]
+
+
+def validate_ray_cluster(path: Path) -> str:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(prepare_config(yaml.safe_load(path.read_text())))
+    except Exception as e:
+        raise Invalid(f"{path.name}: {e}") from None
+    return "ray cluster launcher config"
+
+
+def validate_systemd(path: Path) -> str:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read_string(path.read_text())
+    need = {".service": {"Unit": ["Description"], "Service": ["ExecStart", "Type"]},
+            ".timer": {"Unit": ["Description"], "Timer": ["OnCalendar"], "Install": ["WantedBy"]}}[path.suffix]
+    for section, keys in need.items():
+        for k in keys:
+            if not cp.has_option(section, k):
+                raise Invalid(f"{path.name}: [{section}] {k} is missing")
+    if path.suffix == ".timer" and shutil.which("systemd-analyze"):
+        cal = cp.get("Timer", "OnCalendar")
+        r = subprocess.run(["systemd-analyze", "calendar", cal], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Invalid(f"{path.name}: OnCalendar={cal!r}: {r.stderr.strip() or r.stdout.strip()}")
+    if path.suffix == ".service" and "prouigan retrain" not in cp.get("Service", "ExecStart"):
+        raise Invalid(f"{path.name}: ExecStart does not run `prouigan retrain`")
+    return "systemd unit"
+
+
+def validate_dockerfile(path: Path) -> str:
+    text = path.read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    ray_pin = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', pyproject).group(1)
+    torch_pin = re.search(r'"torch==([\d.]+)"', pyproject).group(1)
+    base = re.search(r"^ARG BASE=(\S+)", text, re.M)
+    if not base or not re.search(r"^FROM \$\{BASE\}", text, re.M):
+        raise Invalid(f"{path.name}: expected `ARG BASE=...` and `FROM ${{BASE}}`")
+    if f":{ray_pin}-" not in base.group(1):
+        raise Invalid(f"{path.name}: base image {base.group(1)} is not Ray {ray_pin} (pyproject's pin)")
+    if f"torch=={torch_pin}" not in text:
+        raise Invalid(f"{path.name}: does not install torch=={torch_pin} (pyproject's pin)")
+    return f"image on {base.group(1)}"
+
+
+def validate_all() -> list[tuple[str, str]]:
+    """-> [(file, what it holds)] for every deployment file; raises Invalid on the first bad one."""
+    out = [("ray_cluster.yaml", validate_ray_cluster(ROOT / "ray_cluster.yaml"))]
+    infra = ROOT / "infra"
+    for p in sorted((infra / "k8s").glob("*.yaml")):
+        out.append((str(p.relative_to(ROOT)), ", ".join(validate_k8s_file(p))))
+    for p in sorted((infra / "vm").glob("*.service")) + sorted((infra / "vm").glob("*.timer")):
+        out.append((str(p.relative_to(ROOT)), validate_systemd(p)))
+    out.append(("infra/docker/Dockerfile", validate_dockerfile(infra / "docker" / "Dockerfile")))
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        for f, what in validate_all():
+            print(f"ok  {f}: {what}")
+    except Invalid as e:
+        print(f"INVALID  {e}", file=sys.stderr)
+        sys.exit(1)
