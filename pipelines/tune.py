@@ -210,6 +210,10 @@ def run(args) -> int:
             if found and status == "stopped early":
                 client.set_tag(found[0].info.run_id, "stopped_early", "true")
                 client.set_terminated(found[0].info.run_id, "KILLED")
+            elif found and status == "complete" and found[0].info.status == "RUNNING":
+                # Tune ends a trial at its last report (max_t), which can stop the trial actor before
+                # run_trial's own set_terminated runs
+                client.set_terminated(found[0].info.run_id, "FINISHED")
     if best is None:
         print("[tune] no trial finished with a finite metric; no best config", file=sys.stderr)
         if client is not None:

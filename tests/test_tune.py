@@ -47,6 +47,8 @@ def test_a_search_completes_asha_cuts_bad_trials_and_every_trial_has_a_child_run
     assert len(parents) == 1 and len(children) == 4
     assert any(r.data.tags.get("stopped_early") == "true" for r in children)
     assert all("val_psnr" in r.data.metrics for r in children)
+    # every trial's run is closed: KILLED when ASHA cut it, FINISHED when it ran to the end
+    assert all(r.info.status == ("KILLED" if r.data.tags.get("stopped_early") else "FINISHED") for r in children)
     assert "best.yaml" in [a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id)]
 
 
