@@ -223,3 +223,22 @@ def test_restore_pastes_hallucinated_faces_back_into_photos(stack, shared_faces,
     ys, xs = np.nonzero(changed)
     assert xs.min() >= x0 - grow and xs.max() <= x1 + grow and ys.min() >= y0 - grow and ys.max() <= y1 + grow
     assert abs(xs.mean() - lm[:, 0].mean()) < 0.25 * (x1 - x0) and abs(ys.mean() - lm[:, 1].mean()) < 0.25 * (y1 - y0)
+
+
+def test_restore_uses_the_thumbnail_the_user_gives(stack, shared_faces, tmp_path):
+    photo = sorted((shared_faces / "helen_train").glob("*.jpg"))[3]
+    model = _generator_file("good", tmp_path / "good.pt")  # bilinear: the output follows the thumbnail
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
+    runs = {}
+    for name, extra in (("own", []), ("given", ["--thumbnail", str(tmp_path / "red.png")])):
+        out = run_cli(stack, "restore", str(photo), "-o", str(tmp_path / name), "--model", model, *extra)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        runs[name] = np.asarray(Image.open(tmp_path / name / f"{photo.stem}.png")).astype(int)
+    changed = np.abs(runs["given"] - runs["own"]).sum(-1) > 0
+    assert changed.any()
+    red = runs["given"][changed]
+    assert red[:, 0].mean() > red[:, 1].mean() + 40  # the pasted face is the red thumbnail's
+    Image.new("RGB", (20, 16)).save(tmp_path / "wide.png")
+    out = run_cli(stack, "restore", str(photo), "-o", str(tmp_path / "x"), "--model", model,
+                  "--thumbnail", str(tmp_path / "wide.png"))
+    assert out.returncode == 2 and "expected 16x16" in out.stderr
