@@ -13,6 +13,7 @@ on the same inputs); a partial or failed evaluation never promotes.  The decisio
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -119,7 +120,7 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
         result["gate"] = {"decision": d.label, "reason": d.reason, "version": version.version,
                           "champion_before": d.champion_version, "candidate": d.candidate, "champion": d.champion}
         log(f"gate: {d.label} v{version.version} of {version.name}: {d.reason}")
-        files["metrics"].write_text(__import__("json").dumps(result, indent=1))
+        files["metrics"].write_text(json.dumps(result, indent=1))
         if run_id:
             mlflow.MlflowClient().log_artifact(run_id, str(files["metrics"]), f"evaluation/{split}")
     log(f"evaluate: report {files['markdown']} (also {files['html'].name}, {files['grid'].name}, metrics.json)")

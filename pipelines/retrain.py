@@ -72,9 +72,7 @@ def retrain(cfg, log=print) -> dict:
     root = cfg.data.output.rstrip("/")
     lock = Lock(storage.join(lock_root(cfg), f"retrain-{name}.lock"), lease_s=24 * 3600, purpose=f"retrain {name}")
     if not lock.acquire():
-        h = lock.holder() or {}
-        log(f"retrain: another retrain holds {lock.uri} (host {h.get('host')}, pid {h.get('pid')}, since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h.get('taken', 0)))}); exiting without doing anything")
+        log(f"retrain: another retrain holds the lock: {lock.held_by()}; exiting without doing anything")
         return {"status": "busy"}
     try:
         champion = alias_version(name, gate.CHAMPION)

@@ -75,8 +75,7 @@ def run_trial(params: dict, ctx: dict) -> None:
             client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4000])
             client.set_terminated(run_id, "FAILED")
         raise
-    if client is not None:
-        client.set_terminated(run_id, "FINISHED")
+    # a trial that ran to the end is closed FINISHED by the driver: Tune may stop this actor at the last report
 
 
 def concurrent_trials(cfg) -> int:
@@ -210,9 +209,7 @@ def run(args) -> int:
             if found and status == "stopped early":
                 client.set_tag(found[0].info.run_id, "stopped_early", "true")
                 client.set_terminated(found[0].info.run_id, "KILLED")
-            elif found and status == "complete" and found[0].info.status == "RUNNING":
-                # Tune ends a trial at its last report (max_t), which can stop the trial actor before
-                # run_trial's own set_terminated runs
+            elif found and status == "complete":
                 client.set_terminated(found[0].info.run_id, "FINISHED")
     if best is None:
         print("[tune] no trial finished with a finite metric; no best config", file=sys.stderr)

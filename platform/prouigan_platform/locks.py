@@ -58,16 +58,25 @@ class Lock:
         """The current holder's record (with ``_etag`` on S3), or None when the lock is free."""
         try:
             if storage.is_s3(self.uri):
+                from botocore.exceptions import ClientError
+
                 bucket, key = storage.split_s3(self.uri)
-                r = storage.boto3_client().get_object(Bucket=bucket, Key=key)
+                try:
+                    r = storage.boto3_client().get_object(Bucket=bucket, Key=key)
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                        return None
+                    raise
                 return {**json.loads(r["Body"].read()), "_etag": r["ETag"]}
             return json.loads(Path(self.uri).read_bytes())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        except Exception as e:
-            if "NoSuchKey" in str(e) or "Not Found" in str(e) or "404" in str(e):
-                return None
-            raise
+
+    def held_by(self) -> str:
+        """Who holds the lock, in words (for messages)."""
+        rec = self.holder() or {}
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("taken", 0)))
+        return f"{self.uri} is held by {rec.get('host')} pid {rec.get('pid')} ({rec.get('purpose')}) since {since}"
 
     def _remove_stale(self, rec: dict) -> None:
         if storage.is_s3(self.uri):
@@ -111,10 +120,7 @@ class Lock:
 
     def __enter__(self) -> Lock:
         if not self.acquire(self.wait_s):
-            rec = self.holder() or {}
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("taken", 0)))
-            raise LockHeld(f"{self.uri} is held by {rec.get('host')} pid {rec.get('pid')} ({rec.get('purpose')}) "
-                           f"since {since}")
+            raise LockHeld(self.held_by())
         return self
 
     def __exit__(self, *exc) -> None:
