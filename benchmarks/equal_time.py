@@ -12,7 +12,9 @@ before the real 2-core runs: it needs only torch, numpy and Pillow, so the faces
 
 A variant: {"name": ..., "preset": "cpu-small", "overrides": {...}, "loss": {...LossWeights fields},
 "lr_g": 2e-4, "lr_d": 1e-4, "batch": 16, "schedule": "constant"|"cosine", "steps": N (instead of the time),
-"bf16": false, "adv_start": fraction of the run before the discriminators join}.
+"bf16": false, "adv_start": fraction of the run before the discriminators join, "heatmap_warmup": [weight, fraction]
+(the heatmap weight is ``weight`` for that first fraction of the run, then the loss's own), "ema": [decays] (each
+variant is also scored with exponential moving averages of G's weights; default 0.995 and 0.999)}.
 With ``--device cuda`` and step budgets taken from a CPU's measured samples/s, a GPU replays
 what an hour on that CPU would train, in minutes.
 """
@@ -20,6 +22,7 @@ what an hour on that CPU would train, in minutes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import multiprocessing as mp
@@ -83,27 +86,28 @@ def train_variant(args: tuple) -> dict:
     import torch
 
     from prouigan import LossWeights, ProUIGANGenerator, build_discriminators, count_parameters, generator_config
-    from prouigan.degradation import upsample_bicubic
-    from prouigan.metrics import masked_psnr, psnr, ssim
-    from prouigan.occlusion import seed_from_key
     from prouigan.training import GANStep, cosine_factor
 
     if cores:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
-    torch.manual_seed(0)
+    torch.manual_seed(variant.get("seed", 0))
     d = np.load(data_path)
     tr = (d["train_hr"], d["train_landmarks"], d["train_has"])
     va = (d["val_hr"], d["val_landmarks"], d["val_has"], d["val_keys"])
     preset = variant.get("preset", "cpu-small")
     g = ProUIGANGenerator(generator_config(preset, variant.get("overrides"))).to(device)
     dg, dl = (m.to(device) for m in build_discriminators(variant.get("d_preset", "cpu-small")))
-    step = GANStep(g, dg, dl, LossWeights(**variant.get("loss", {})), variant.get("lr_g", 2e-4),
+    weights = LossWeights(**variant.get("loss", {}))
+    step = GANStep(g, dg, dl, weights, variant.get("lr_g", 2e-4),
                    variant.get("lr_d", 1e-4), amp_dtype=torch.bfloat16 if variant.get("bf16") else None)
+    warm_weight, warm_until = variant.get("heatmap_warmup", (weights.heatmap, 0.0))
+    warm = dataclasses.replace(weights, heatmap=warm_weight)
+    emas = {decay: [p.detach().clone() for p in g.parameters()] for decay in variant.get("ema", (0.995, 0.999))}
     max_steps = variant.get("steps")  # a step budget instead of the wall time (emulating a slower machine)
     schedule = variant.get("schedule", "constant")
     base = [pg["lr"] for pg in step.opt_g.param_groups]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(variant.get("seed", 0))
     bs, n, t0, steps = variant.get("batch", 16), len(tr[0]), time.time(), 0
     while (steps < max_steps) if max_steps else (time.time() - t0 < seconds):
         done = steps / max_steps if max_steps else (time.time() - t0) / seconds
@@ -111,11 +115,42 @@ def train_variant(args: tuple) -> dict:
             for pg, b in zip(step.opt_g.param_groups, base, strict=True):
                 pg["lr"] = b * cosine_factor(done)
         step.adversarial = step.weights.adversarial > 0 and done >= variant.get("adv_start", 0)
+        step.weights = warm if done < warm_until else weights
         idx = rng.integers(0, n, bs)
         batch = {k: v.to(device) for k, v in make_batch(*tr, idx, lambda i: rng).items()}
         step.step(batch)
+        with torch.no_grad():
+            params = [p.detach() for p in g.parameters()]
+            for decay, avg in emas.items():
+                torch._foreach_lerp_(avg, params, 1 - decay)
         steps += 1
     g.eval()
+    scores = {"": score(g, va, device)}
+    with torch.no_grad():
+        live = [p.detach().clone() for p in g.parameters()]
+        for decay, avg in emas.items():
+            for p, a in zip(g.parameters(), avg, strict=True):
+                p.copy_(a)
+            scores[f"ema{decay}"] = score(g, va, device)
+        for p, v in zip(g.parameters(), live, strict=True):
+            p.copy_(v)
+    out = {"name": variant["name"], "params": count_parameters(g), "steps": steps, "samples": steps * bs,
+           "seconds": round(time.time() - t0, 1), **scores[""]}
+    for tag, sc in scores.items():
+        if tag:
+            out.update({f"{tag}_{k}": v for k, v in sc.items() if not k.startswith("bicubic")})
+    return out
+
+
+def score(g, va, device) -> dict:
+    """Mean PSNR, SSIM and occluded-region PSNR of ``g`` (and bicubic) on the val faces, each face occluded as
+    validation does (seeded by its key)."""
+    import torch
+
+    from prouigan.degradation import upsample_bicubic
+    from prouigan.metrics import masked_psnr, psnr, ssim
+    from prouigan.occlusion import seed_from_key
+
     sums = np.zeros(5)
     with torch.no_grad():
         for s in range(0, len(va[0]), 32):
@@ -127,25 +162,36 @@ def train_variant(args: tuple) -> dict:
             sums += [psnr(sr, b["hr"]).sum().item(), ssim(sr, b["hr"]).sum().item(), occluded[0],
                      psnr(bic, b["hr"]).sum().item(), occluded[1]]
     m = len(va[0])
-    return {"name": variant["name"], "params": count_parameters(g), "steps": steps, "samples": steps * bs,
-            "psnr": sums[0] / m, "ssim": sums[1] / m, "psnr_occluded": sums[2] / m,
+    return {"psnr": sums[0] / m, "ssim": sums[1] / m, "psnr_occluded": sums[2] / m,
             "bicubic_psnr": sums[3] / m, "bicubic_psnr_occluded": sums[4] / m}
 
 
-def run(data: str, variants_path: str, minutes: float, cores: int, device: str) -> list[dict]:
+def run(data: str, variants_path: str, minutes: float, cores: int, device: str, json_out: str | None = None
+        ) -> list[dict]:
     variants = json.loads(Path(variants_path).read_text())
     avail = sorted(os.sched_getaffinity(0))
     if len(variants) * cores > len(avail):
         raise SystemExit(f"{len(variants)} variants x {cores} cores > {len(avail)} cores available")
     jobs = [(v, data, minutes * 60, avail[i * cores:(i + 1) * cores], device) for i, v in enumerate(variants)]
+    results = []
     with mp.get_context("spawn").Pool(len(jobs)) as pool:  # on a GPU the variants share it
-        results = pool.map(train_variant, jobs)
+        for r in pool.imap_unordered(train_variant, jobs):  # each result is kept as soon as it is in
+            results.append(r)
+            print(f"done: {r['name']} ({r['steps']} steps, {r['seconds']} s)", flush=True)
+            if json_out:
+                Path(json_out).write_text(json.dumps(results, indent=1))
+    order = {v["name"]: i for i, v in enumerate(variants)}
+    results.sort(key=lambda r: order[r["name"]])
     print(f"\n{minutes} min (or the variant's steps) each, {cores} cores per variant on {device}, "
           f"bicubic PSNR {results[0]['bicubic_psnr']:.2f} / occluded {results[0]['bicubic_psnr_occluded']:.2f}")
-    print(f"{'variant':28s} {'params':>9s} {'steps':>6s} {'PSNR':>6s} {'SSIM':>6s} {'occl':>6s}")
+    emas = sorted({k.split("_")[0] for r in results for k in r if k.startswith("ema")})
+    head = "".join(f" {e + ' PSNR':>14s} {'occl':>6s}" for e in emas)
+    print(f"{'variant':28s} {'params':>9s} {'steps':>6s} {'PSNR':>6s} {'SSIM':>6s} {'occl':>6s}{head}")
     for r in results:
+        tail = "".join(f" {r.get(e + '_psnr', float('nan')):14.2f} {r.get(e + '_psnr_occluded', float('nan')):6.2f}"
+                       for e in emas)
         print(f"{r['name']:28s} {r['params']:9d} {r['steps']:6d} {r['psnr']:6.2f} {r['ssim']:6.3f} "
-              f"{r['psnr_occluded']:6.2f}")
+              f"{r['psnr_occluded']:6.2f}{tail}")
     return results
 
 
@@ -166,9 +212,7 @@ def main() -> None:
     if a.cmd == "export":
         export(a.manifest, a.out)
     else:
-        results = run(a.data, a.variants, a.minutes, a.cores, a.device)
-        if a.json_out:
-            Path(a.json_out).write_text(json.dumps(results, indent=1))
+        run(a.data, a.variants, a.minutes, a.cores, a.device, a.json_out)
 
 
 if __name__ == "__main__":
