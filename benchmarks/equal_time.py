@@ -125,45 +125,56 @@ def train_variant(args: tuple) -> dict:
                 torch._foreach_lerp_(avg, params, 1 - decay)
         steps += 1
     g.eval()
-    scores = {"": score(g, va, device)}
+    val = val_batches(va)  # built once: every scoring below sees the same occluded inputs
+    scores = {"": score(g, val, device)}
     with torch.no_grad():
         live = [p.detach().clone() for p in g.parameters()]
         for decay, avg in emas.items():
-            for p, a in zip(g.parameters(), avg, strict=True):
-                p.copy_(a)
-            scores[f"ema{decay}"] = score(g, va, device)
-        for p, v in zip(g.parameters(), live, strict=True):
-            p.copy_(v)
+            torch._foreach_copy_(list(g.parameters()), avg)
+            scores[f"ema{decay}"] = score(g, val, device)
+        torch._foreach_copy_(list(g.parameters()), live)
     out = {"name": variant["name"], "params": count_parameters(g), "steps": steps, "samples": steps * bs,
-           "seconds": round(time.time() - t0, 1), **scores[""]}
+           "seconds": round(time.time() - t0, 1), **scores[""], **bicubic_scores(val)}
     for tag, sc in scores.items():
         if tag:
-            out.update({f"{tag}_{k}": v for k, v in sc.items() if not k.startswith("bicubic")})
+            out.update({f"{tag}_{k}": v for k, v in sc.items()})
     return out
 
 
-def score(g, va, device) -> dict:
-    """Mean PSNR, SSIM and occluded-region PSNR of ``g`` (and bicubic) on the val faces, each face occluded as
-    validation does (seeded by its key)."""
-    import torch
-
-    from prouigan.degradation import upsample_bicubic
-    from prouigan.metrics import masked_psnr, psnr, ssim
+def val_batches(va) -> list[dict]:
+    """The val faces in batches of 32, each face occluded as validation does (seeded by its key)."""
     from prouigan.occlusion import seed_from_key
 
-    sums = np.zeros(5)
+    return [make_batch(va[0], va[1], va[2], np.arange(s, min(s + 32, len(va[0]))),
+                       lambda i: np.random.default_rng(seed_from_key(str(va[3][i]))))
+            for s in range(0, len(va[0]), 32)]
+
+
+def _means(outputs, val) -> dict:
+    import torch
+
+    from prouigan.metrics import masked_psnr, psnr, ssim
+
+    sums, m = np.zeros(3), sum(len(b["hr"]) for b in val)
+    for sr, b in zip(outputs, val, strict=True):
+        sums += [psnr(sr, b["hr"]).sum().item(), ssim(sr, b["hr"]).sum().item(),
+                 torch.nan_to_num(masked_psnr(sr, b["hr"], b["mask"])).sum().item()]
+    return {"psnr": sums[0] / m, "ssim": sums[1] / m, "psnr_occluded": sums[2] / m}
+
+
+def score(g, val, device) -> dict:
+    """Mean PSNR, SSIM and occluded-region PSNR of ``g`` on the val batches."""
+    import torch
+
     with torch.no_grad():
-        for s in range(0, len(va[0]), 32):
-            idx = np.arange(s, min(s + 32, len(va[0])))
-            b = make_batch(va[0], va[1], va[2], idx, lambda i: np.random.default_rng(seed_from_key(str(va[3][i]))))
-            sr = g(b["lr"].to(device)).final.float().clamp(0, 1).cpu()
-            bic = upsample_bicubic(b["lr"]).clamp(0, 1)
-            occluded = [torch.nan_to_num(masked_psnr(x, b["hr"], b["mask"])).sum().item() for x in (sr, bic)]
-            sums += [psnr(sr, b["hr"]).sum().item(), ssim(sr, b["hr"]).sum().item(), occluded[0],
-                     psnr(bic, b["hr"]).sum().item(), occluded[1]]
-    m = len(va[0])
-    return {"psnr": sums[0] / m, "ssim": sums[1] / m, "psnr_occluded": sums[2] / m,
-            "bicubic_psnr": sums[3] / m, "bicubic_psnr_occluded": sums[4] / m}
+        return _means([g(b["lr"].to(device)).final.float().clamp(0, 1).cpu() for b in val], val)
+
+
+def bicubic_scores(val) -> dict:
+    from prouigan.degradation import upsample_bicubic
+
+    sc = _means([upsample_bicubic(b["lr"]).clamp(0, 1) for b in val], val)
+    return {"bicubic_psnr": sc["psnr"], "bicubic_psnr_occluded": sc["psnr_occluded"]}
 
 
 def run(data: str, variants_path: str, minutes: float, cores: int, device: str, json_out: str | None = None
