@@ -40,7 +40,7 @@ def main() -> None:
                                  f"train.batch_size={args.batch}"])
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        m = build_version(list_sources(base.data.sources), base.data, [], base.data.output, engine="ray").manifest
+        m = build_version(list_sources(base.data.sources), base.data, base.data.output, engine="ray").manifest
         gpu = torch.cuda.is_available()
         setups = [("1 worker x 2 threads", 1, 2.0, False, False), ("2 workers x 1 thread", 2, 1.0, False, False)]
         if gpu:

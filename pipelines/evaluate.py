@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default=None,
                         help="dataset manifest URI (default: train.dataset, else the latest version in data.output)")
     parser.add_argument("--split", default=None, choices=["train", "val", "test"], help="default: eval.split")
+    parser.add_argument("--source", default=None,
+                        help="score only this source's faces of the split (a mixed version: e.g. celeba or faces); "
+                             "default: eval.source, else every face of the split")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--promote", action="store_true", help="move 'champion' here if it beats the champion")
     parser.add_argument("--device", default="cpu")
@@ -62,7 +65,7 @@ def dataset_uri(cfg, data: str | None) -> str:
 
 
 def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, promote: bool = False,
-                   device: str = "cpu", lock=None, log=print) -> dict:
+                   device: str = "cpu", lock=None, log=print, source: str | None = None) -> dict:
     """Evaluate (and gate) one model; returns metrics.json's content plus ``gate`` when promoting.
 
     Raises on a failed evaluation, after recording the failure on the version when promoting."""
@@ -76,6 +79,8 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
     if promote and version is None:
         raise ValueError(f"--promote needs a registered version (models:/NAME@ALIAS or models:/NAME/N), got {model}")
     context = {"gate.split": split, "gate.dataset": data_uri, "gate.metrics": ",".join(cfg.eval.gate_metrics)}
+    if source:
+        context["gate.source"] = source
     champion = alias_version(version.name, gate.CHAMPION) if promote else None
     if promote and champion is not None and champion.version == version.version:
         log(f"evaluate: v{version.version} is already the champion; nothing to decide")
@@ -85,8 +90,9 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
         models = {"model": resolve_model(f"models:/{version.name}/{version.version}" if version else model, device)}
         if champion is not None:
             models["champion"] = resolve_model(f"models:/{champion.name}/{champion.version}", device)
-        data = load_split(data_uri, split, cfg.data, limit=cfg.eval.limit)
-        log(f"evaluate: {len(data.keys)} {split} faces of {data_uri} (digest {data.digest}); methods: bicubic, "
+        data = load_split(data_uri, split, cfg.data, limit=cfg.eval.limit, source=source)
+        log(f"evaluate: {len(data.keys)} {split} faces{f' of source {source}' if source else ''} of {data_uri} "
+            f"(digest {data.digest}); methods: bicubic, "
             + ", ".join(f"{k} ({'v' + champion.version if k == 'champion' else model})" for k in models))
         ev = evaluate(models, data, use_dlib=cfg.eval.dlib, heatmap_sigma=cfg.data.heatmap_sigma,
                       batch_size=cfg.eval.batch_size,
@@ -102,9 +108,10 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
     result = {"model": model, **ev.to_json()}
     _print_table(ev, log)
     run_id = _run_id(model, version)
+    name = f"{split}_{source}" if source else split  # metric prefix and artifact folder
     if run_id:
-        _log_to_run(run_id, ev, files, split)
-        log(f"evaluate: metrics eval_{split}_* and the report logged to MLflow run {run_id}")
+        _log_to_run(run_id, ev, files, name)
+        log(f"evaluate: metrics eval_{name}_* and the report logged to MLflow run {run_id}")
     if promote:
         problems = ev.problems(cfg.eval.gate_metrics)
         d = gate.decide(ev.methods["model"].summary, ev.methods["champion"].summary if champion else None,
@@ -122,7 +129,7 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
         log(f"gate: {d.label} v{version.version} of {version.name}: {d.reason}")
         files["metrics"].write_text(json.dumps(result, indent=1))
         if run_id:
-            mlflow.MlflowClient().log_artifact(run_id, str(files["metrics"]), f"evaluation/{split}")
+            mlflow.MlflowClient().log_artifact(run_id, str(files["metrics"]), f"evaluation/{name}")
     log(f"evaluate: report {files['markdown']} (also {files['html'].name}, {files['grid'].name}, metrics.json)")
     return result
 
@@ -159,12 +166,13 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     split = args.split or cfg.eval.split
+    source = args.source or cfg.eval.source
     if args.model.startswith(("runs:/", "models:/")) or args.promote:
         use_embedded_stack()
     data = dataset_uri(cfg, args.data)
-    out = args.output or Path("outputs/evaluate") / _slug(args.model) / split
+    out = args.output or Path("outputs/evaluate") / _slug(args.model) / (f"{split}-{source}" if source else split)
     try:
-        result = evaluate_model(cfg, args.model, data, split, out, args.promote, args.device)
+        result = evaluate_model(cfg, args.model, data, split, out, args.promote, args.device, source=source)
     except ValueError as e:
         print(f"prouigan evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -64,7 +64,7 @@ def retrain(cfg, log=print) -> dict:
     from pipelines.train import train_and_register
     from prouigan_platform import gate, storage
     from prouigan_platform.dataset.build import build_version
-    from prouigan_platform.dataset.sources import list_sources, source_name
+    from prouigan_platform.dataset.sources import list_sources
     from prouigan_platform.locks import Lock, lock_root
     from prouigan_platform.registry import alias_version
 
@@ -79,8 +79,7 @@ def retrain(cfg, log=print) -> dict:
         records = list_sources(cfg.data.sources)
         log(f"retrain: {len(records)} inputs listed; champion: "
             + (f"v{champion.version}" if champion else f"none yet (models:/{name} has no @{gate.CHAMPION})"))
-        sources_meta = [{"name": source_name(s), "kind": s.kind, "path": s.path} for s in cfg.data.sources]
-        built = build_version(records, cfg.data, sources_meta, root, engine="ray")
+        built = build_version(records, cfg.data, root, engine="ray", progress_every=15)
         if built.manifest is not None:
             print_summary(built)
         manifest = built.manifest or built.parent
@@ -112,7 +111,7 @@ def retrain(cfg, log=print) -> dict:
             step = "evaluate"
             out = Path("outputs/retrain") / f"v{version_no:04d}"
             result = evaluate_model(cfg, trained["version"], manifest["_uri"], cfg.eval.split, out,
-                                    promote=True, log=log)
+                                    promote=True, log=log, source=cfg.eval.source)
             decision = result["gate"]
             client.set_tag(run_id, "gate.decision", decision["decision"])
             client.set_tag(run_id, "gate.reason", decision["reason"][:4500])

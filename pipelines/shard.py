@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from prouigan_platform.cli import config_from_args
     from prouigan_platform.dataset.build import SettingsChanged, build_version
-    from prouigan_platform.dataset.sources import SourceError, list_sources, source_name
+    from prouigan_platform.dataset.sources import SourceError, list_sources
     from prouigan_platform.runtime import init_ray, use_embedded_stack
 
     cfg = config_from_args(args)
@@ -47,9 +47,8 @@ def run(args) -> int:
     else:
         use_embedded_stack()
         init_ray(log_to_driver=False)
-    sources_meta = [{"name": source_name(s), "kind": s.kind, "path": s.path} for s in cfg.data.sources]
     try:
-        result = build_version(records, cfg.data, sources_meta, root, engine="ray")
+        result = build_version(records, cfg.data, root, engine="ray", progress_every=10)
     except SettingsChanged as e:
         print(f"prouigan shard: error: {e}", file=sys.stderr)
         return 2
@@ -75,11 +74,19 @@ def print_summary(r) -> None:
     print("\n" + "=" * 72)
     print(f"dataset version v{m['version']:04d}  ->  {m['_uri']}")
     print(f"  inputs processed  {r.processed:>7}   (+{r.duplicates} listed twice under one key)")
+    if r.labelled or r.labels_reused:
+        print(f"  labelled by dlib  {r.labelled:>7}   (+{r.labels_reused} labels reused from an earlier run)")
     print(f"  faces accepted    {accepted:>7}   in {len(r.new_shards)} new shard(s), {nbytes / 2**20:.1f} MiB")
     print(f"  quarantined       {sum(reasons.values()):>7}" + "".join(
         f"\n      {reason:<24}{n:>6}" for reason, n in reasons.most_common()))
-    print("  version totals    " + ", ".join(f"{k} {v}" for k, v in m["counts"].items())
-          + f"; {m['quarantined']} quarantined; digest {m['digest']}")
+    print("  the version, by source:")
+    print(f"      {'source':<16}{'train':>8}{'val':>8}{'test':>8}{'quarantined':>13}")
+    for name, counts in m.get("counts_by_source", {}).items():
+        q = sum(m.get("quarantine_by_source", {}).get(name, {}).values())
+        print(f"      {name:<16}" + "".join(f"{counts.get(sp, 0):>8}" for sp in ("train", "val", "test")) + f"{q:>13}")
+    print(f"      {'all':<16}" + "".join(f"{m['counts'].get(sp, 0):>8}" for sp in ("train", "val", "test"))
+          + f"{m['quarantined']:>13}")
+    print(f"  digest {m['digest']}")
     if r.parent:
         print(f"  reused from v{r.parent['version']:04d}: {len(r.parent['shards'])} shard(s)")
     print(f"  time {r.seconds:.1f} s, {r.processed / max(r.seconds, 1e-9):.1f} inputs/s")

@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = Path(os.environ.get("PROUIGAN_SHARED_FACES", REPO.parent / "shared" / "faces"))
+SHARED_CELEBA = Path(os.environ.get("PROUIGAN_SHARED_CELEBA", REPO.parent / "shared" / "celeba" / "train"))
 
 
 def run_cli(stack, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -33,6 +34,14 @@ def shared_faces() -> Path:
         pytest.skip(f"real faces not found at {SHARED_FACES} (research-licensed 300-W sample; a fresh clone "
                     "has no ../shared/faces — these tests run in CI, where it exists)")
     return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def shared_celeba() -> Path:
+    if not (SHARED_CELEBA / "MANIFEST.json").is_file():
+        pytest.skip(f"CelebA photos not found at {SHARED_CELEBA} (non-commercial research licence; a fresh clone has "
+                    "no ../shared/celeba — these tests run in CI, where it exists)")
+    return SHARED_CELEBA
 
 
 def aligned_faces(n: int, seed: int = 0):

@@ -41,7 +41,7 @@ def _data(**kw) -> DataConfig:
 
 def _build(sources: list[SourceConfig], root, **data_kw):
     data = _data(sources=sources, **data_kw)
-    return build_version(list_sources(data.sources), data, [], str(root), engine="ray")
+    return build_version(list_sources(data.sources), data, str(root), engine="ray")
 
 
 def _face(i: int, folder: Path, name: str, transform=None, pts_text: str | None = None, fmt: str = "PNG") -> None:
@@ -346,7 +346,7 @@ def test_unreadable_inputs_are_retried_on_the_next_run(ray_on_stack, tmp_path, m
     monkeypatch.chdir(tmp_path)
     broken = [{**r, "image": f"src/{Path(r['image']).name}"} if r["key"].endswith("f2") else r for r in records]
     root = str(tmp_path / "ds")
-    v1 = build_version(broken, data, [], root, engine="ray").manifest  # workers cannot see the relative path
+    v1 = build_version(broken, data, root, engine="ray").manifest  # workers cannot see the relative path
     assert [q["reason"] for q in v1["quarantine"]] == ["unreadable_file"] and v1["accepted"] == 2
-    res = build_version(records, data, [], root, engine="ray")
+    res = build_version(records, data, root, engine="ray")
     assert res.processed == 1 and res.manifest["accepted"] == 3 and res.manifest["quarantined"] == 0

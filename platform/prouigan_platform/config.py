@@ -33,6 +33,10 @@ class SourceConfig(_Section):
     path: str = "../shared/faces"  # folder (300w/celeba/photos); ignored for synthetic
     count: int = Field(default=64, ge=1)  # synthetic only: how many faces to draw
     name: str | None = None  # prefix of sample keys; defaults to the folder name
+    limit: int | None = Field(default=None, ge=1)  # only the first N inputs in file order (demos, tests, benches)
+    groups: str | None = None  # photos: CSV sidecar `file,group` naming who is in each photo (default groups.csv)
+    val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # this source's own split sizes
+    test_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # (default: data.val/test_fraction)
 
 
 class OcclusionConfig(_Section):
@@ -64,9 +68,21 @@ class DataConfig(_Section):
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     shuffle_buffer: int = Field(default=256, ge=0)
+    # training mix by source name (as the shard summary prints them): {} reads every source in proportion to its
+    # size; otherwise every source of the dataset must be named, and a weight of 0 leaves that source out
+    source_weights: dict[str, float] = {}
     occlusion: OcclusionConfig = OcclusionConfig()
     degradation: DegradationConfig = DegradationConfig()
     heatmap_sigma: float = Field(default=1.5, gt=0.0)  # Gaussian sigma of landmark heatmaps, in 32x32 pixels
+
+    @field_validator("source_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()):
+            raise ValueError("weights must be >= 0")
+        if v and not any(w > 0 for w in v.values()):
+            raise ValueError("at least one source needs a weight above 0")
+        return v
 
 
 class ModelConfig(_Section):
@@ -164,6 +180,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=64, ge=1)
     cases: int = Field(default=4, ge=1)  # best and worst faces in the report picture
     limit: int | None = Field(default=None, ge=1)  # evaluate only the first N faces (a partial evaluation)
+    source: str | None = None  # score only this source's faces of the split (a mixed version's per-source split)
 
     @field_validator("gate_metrics")
     @classmethod

@@ -56,30 +56,34 @@ class SplitData:
     split: str
     expected: int  # faces the manifest lists for the split
     bad_shards: int
+    source: str | None = None  # one source's faces of the split, or all of them
 
     @property
     def complete(self) -> bool:
         return len(self.keys) == self.expected and self.bad_shards == 0
 
 
-def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | None = None) -> SplitData:
-    """Every face of ``split`` (or the first ``limit``: then the evaluation is partial and never gates)."""
+def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | None = None,
+               source: str | None = None) -> SplitData:
+    """Every face of ``split`` (of one ``source`` when given; or the first ``limit``: then the evaluation is
+    partial and never gates)."""
     from torch.utils.data import DataLoader
 
     from prouigan_platform.dataset.reader import FaceShards
 
     m = mf.load(manifest_uri)
-    expected = int(m["counts"].get(split, 0))
+    expected = mf.split_count(m, split, source)
     if expected == 0:
-        raise ValueError(f"dataset {manifest_uri} has no '{split}' faces (counts: {m['counts']})")
-    ds = FaceShards(m, split, data, limit=limit)
+        raise ValueError(f"dataset {manifest_uri} has no '{split}' faces"
+                         + (f" of source '{source}'" if source else "") + f" (counts: {m['counts']})")
+    ds = FaceShards(m, split, data, limit=limit, source=source)
     batches = list(DataLoader(ds, batch_size=64))
     if not batches:
         raise ValueError(f"no '{split}' face of {manifest_uri} could be read ({ds.stats})")
     cat = lambda k: torch.cat([b[k] for b in batches])  # noqa: E731
     keys = [k for b in batches for k in b["key"]]
     return SplitData(cat("lr"), cat("hr"), cat("mask"), cat("landmarks").double(), cat("has_landmarks"), keys,
-                     manifest_uri, m.get("digest", ""), split, expected, ds.stats["bad_shards"])
+                     manifest_uri, m.get("digest", ""), split, expected, ds.stats["bad_shards"], source)
 
 
 def to_u8(x: torch.Tensor) -> np.ndarray:
@@ -161,7 +165,8 @@ class Evaluation:
 
     def to_json(self) -> dict:
         d = self.data
-        return {"dataset": d.manifest_uri, "digest": d.digest, "split": d.split, "faces": len(d.keys),
+        return {"dataset": d.manifest_uri, "digest": d.digest, "split": d.split, "source": d.source,
+                "faces": len(d.keys),
                 "expected_faces": d.expected, "bad_shards": d.bad_shards,
                 "complete": not self.problems(), "skipped": self.skipped, "directions": METRICS,
                 "methods": {k: m.summary for k, m in self.methods.items()}}
@@ -273,7 +278,8 @@ def write_report(ev: Evaluation, out_dir: Path, model: str, title: str, cases: i
                  "expression model installs offline).")
     problems = ev.problems()
     md = [f"# Evaluation: {title}", "",
-          f"Dataset `{d.manifest_uri}` (digest {d.digest}), split **{d.split}**: {len(d.keys)} of {d.expected} "
+          f"Dataset `{d.manifest_uri}` (digest {d.digest}), split **{d.split}**"
+          + (f" of source **{d.source}**" if d.source else "") + f": {len(d.keys)} of {d.expected} "
           f"faces, occlusions seeded by each face's key.", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prouigan_platform import storage
+from prouigan_platform.dataset import labels
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.ingest import process_record, quarantine_row
+from prouigan_platform.dataset.labeler import LABELLER
+from prouigan_platform.progress import Progress
 
 # quarantine reasons that say more about the machine than the input: such inputs are tried again next run
 RETRY_REASONS = {"unreadable_file"}
@@ -49,16 +52,16 @@ def dedupe(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return keep, dups
 
 
-def write_tmp_shard(root: str, split: str, rows: list[dict]) -> dict:
-    """Accepted rows of one split -> a tar under ROOT/shards/_tmp/ (sorted by key) -> its metadata."""
+def write_tmp_shard(root: str, source: str, split: str, rows: list[dict]) -> dict:
+    """Accepted rows of one source and split -> a tar under ROOT/shards/_tmp/ (sorted by key) -> its metadata."""
     rows = sorted(rows, key=lambda r: r["key"])
     data = mf.encode_tar([(r["key"], r["png"], r["meta"]) for r in rows])
     sha = hashlib.sha256(data).hexdigest()
     tmp = storage.join(mf.shards_dir(root), "_tmp", f"{split}-{sha[:24]}.tar")
     storage.write_bytes_atomic(tmp, data)
     samples = {r["key"]: [str(r["fingerprint"]), split, str(r["input"])] for r in rows}
-    return {"tmp": tmp, "split": split, "first_key": rows[0]["key"], "count": len(rows), "sha256": sha,
-            "bytes": len(data), "samples": json.dumps(samples)}
+    return {"tmp": tmp, "source": source, "split": split, "first_key": rows[0]["key"], "count": len(rows),
+            "sha256": sha, "bytes": len(data), "samples": json.dumps(samples)}
 
 
 def block_size(shard_max: int, val_fraction: float, test_fraction: float) -> int:
@@ -66,21 +69,33 @@ def block_size(shard_max: int, val_fraction: float, test_fraction: float) -> int
     return max(1, math.ceil(shard_max / max(1e-6, 1.0 - val_fraction - test_fraction)))
 
 
-def _write_rows(rows: list[dict], root: str) -> list[dict]:
-    """Processed rows -> one tar per split of the accepted ones (temporary names) + the quarantined rows.
-    -> [{"type": "shard", ...metadata} | {"type": "quarantine", ...row without pixels}]"""
-    out: list[dict] = [{"type": "quarantine", **{k: v for k, v in r.items() if k not in ("png", "meta")}}
+def _write_rows(rows: list[dict], root: str, inputs: int) -> list[dict]:
+    """Processed rows of one block -> one tar per source and split of the accepted ones (temporary names), one
+    label part for what dlib saw, the quarantined rows, and the block's counts.
+    -> [{"type": "shard" | "labels" | "quarantine" | "block", ...}]"""
+    out: list[dict] = [{"type": "quarantine", **{k: v for k, v in r.items() if k not in ("png", "meta", "labels")}}
                        for r in rows if r["status"] != "ok"]
-    for split in mf.SPLITS:
-        ok = [r for r in rows if r["status"] == "ok" and r["split"] == split]
-        if ok:
-            out.append({"type": "shard", **write_tmp_shard(root, split, ok)})
+    ok = [r for r in rows if r["status"] == "ok"]
+    for source, split in sorted({(r["source"], r["split"]) for r in ok}):
+        out.append({"type": "shard", **write_tmp_shard(root, source, split,
+                                                       [r for r in ok if (r["source"], r["split"]) == (source, split)])})
+    fresh = [{"input": r["input"], "fingerprint": str(r["fingerprint"]), "labeller": LABELLER, "faces": r["labels"]}
+             for r in rows if r["labels"]]
+    if fresh:
+        out.append({"type": "labels", "part": labels.write_part(root, fresh), "count": len(fresh)})
+    out.append({"type": "block", "inputs": inputs, "faces": len(ok), "quarantined": len(rows) - len(ok),
+                "labelled": len(fresh)})
     return out
 
 
 def ingest_block(records: list[dict], root: str, kw: dict) -> list[dict]:
     """Process one block of inputs and write its accepted faces (the plain engine's unit of work)."""
-    return _write_rows([row for rec in records for row in process_record(rec, **kw)], root)
+    fractions = kw.get("fractions", {})
+    rows = []
+    for rec in records:
+        val, test = fractions.get(rec["source"], (kw["val_fraction"], kw["test_fraction"]))
+        rows += process_record(rec, min_native_px=kw["min_native_px"], val_fraction=val, test_fraction=test)
+    return _write_rows(rows, root, len(records))
 
 
 def _ingest_batch(batch, root: str, kw: dict):
@@ -91,34 +106,53 @@ def _ingest_batch(batch, root: str, kw: dict):
     return pa.table({"result": [json.dumps(r) for r in ingest_block(batch.to_pylist(), root, kw)]})
 
 
-def _split_results(results: list[dict]) -> tuple[list[dict], list[dict]]:
-    quarantined = [{k: v for k, v in r.items() if k != "type"} for r in results if r["type"] == "quarantine"]
-    shards = [{k: v for k, v in r.items() if k != "type"} for r in results if r["type"] == "shard"]
-    return quarantined, shards
+class _Tally:
+    """Results of the blocks as they finish, with a progress line every few seconds."""
+
+    def __init__(self, total: int, progress_every: float | None):
+        self.results: list[dict] = []
+        self.counts = Counter()
+        self.progress = Progress("shard", total, "inputs", every=progress_every) if progress_every else None
+
+    def add(self, result: dict) -> None:
+        if result["type"] != "block":
+            self.results.append(result)
+            return
+        self.counts.update({k: result[k] for k in ("faces", "quarantined", "labelled")})
+        if self.progress:
+            c = self.counts
+            self.progress.update(result["inputs"], f"{c['faces']:,} faces, {c['quarantined']:,} quarantined, "
+                                                   f"{c['labelled']:,} labelled by dlib")
 
 
-def ingest_ray(records: list[dict], kw: dict, root: str, shard_max: int) -> tuple[list[dict], list[dict]]:
-    """Ray Data: blocks of inputs, each processed and written to its shards by one task, in parallel.
-    (Measured: fusing the two steps beats a streaming process -> regroup -> write plan ~1.5x on 2 cores,
-    because the PNGs never travel through the object store.)"""
+def _blocks(records: list[dict], kw: dict, shard_max: int, slots: int) -> int:
+    size = block_size(shard_max, kw["val_fraction"], kw["test_fraction"])
+    # at least two blocks per CPU slot: every core works, and a slow block at the end does not leave one idle
+    return max(1, math.ceil(len(records) / max(1, min(size, math.ceil(len(records) / max(1, 2 * slots))))))
+
+
+def ingest_ray(records: list[dict], kw: dict, root: str, shard_max: int, tally: _Tally) -> None:
+    """Ray Data: blocks of inputs, each processed and written to its shards by one task, in parallel; results
+    stream back as blocks finish.  (Measured: fusing the two steps beats a streaming process -> regroup -> write
+    plan ~1.5x on 2 cores, because the PNGs never travel through the object store.)"""
     import ray
 
-    size = block_size(shard_max, kw["val_fraction"], kw["test_fraction"])
-    cpus = int(ray.available_resources().get("CPU", 2))
-    # at least one block per CPU slot even for small inputs, so every core works
-    size = max(1, min(size, math.ceil(len(records) / max(1, cpus))))
-    results = (ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / size))
-               .map_batches(_ingest_batch, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"root": root, "kw": kw})
-               .take_all())
-    return _split_results([json.loads(r["result"]) for r in results])
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line says inputs, faces/s and ETA
+    slots = int(ray.available_resources().get("CPU", 2))
+    ds = (ray.data.from_items(records, override_num_blocks=_blocks(records, kw, shard_max, slots))
+          .map_batches(_ingest_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"root": root, "kw": kw}))
+    for row in ds.iter_rows():
+        tally.add(json.loads(row["result"]))
 
 
-def ingest_plain(records: list[dict], kw: dict, root: str, shard_max: int) -> tuple[list[dict], list[dict]]:
+def ingest_plain(records: list[dict], kw: dict, root: str, shard_max: int, tally: _Tally) -> None:
     """The same work in one process, block after block (the benchmark's baseline)."""
-    size = block_size(shard_max, kw["val_fraction"], kw["test_fraction"])
-    results = [r for i in range(0, len(records), size) for r in ingest_block(records[i:i + size], root, kw)]
-    return _split_results(results)
+    n = _blocks(records, kw, shard_max, 1)
+    size = math.ceil(len(records) / n)
+    for i in range(0, len(records), size):
+        for r in ingest_block(records[i:i + size], root, kw):
+            tally.add(r)
 
 
 @dataclass
@@ -129,6 +163,8 @@ class BuildResult:
     duplicates: int = 0
     quarantined: list[dict] = field(default_factory=list)  # rows quarantined this run
     new_shards: list[dict] = field(default_factory=list)
+    labelled: int = 0  # inputs dlib labelled in this run
+    labels_reused: int = 0  # inputs whose labels an earlier run had made
     seconds: float = 0.0
 
 
@@ -136,8 +172,33 @@ class SettingsChanged(RuntimeError):
     pass
 
 
-def build_version(records: list[dict], data_cfg, sources_meta: list[dict], root: str, engine: str = "ray"
-                  ) -> BuildResult:
+def sources_meta(data_cfg) -> list[dict]:
+    """What the manifest records of each source; a source's split fractions may never change under one root."""
+    from prouigan_platform.dataset.sources import source_name
+
+    return [{"name": source_name(s), "kind": s.kind, "path": s.path,
+             "val_fraction": data_cfg.val_fraction if s.val_fraction is None else s.val_fraction,
+             "test_fraction": data_cfg.test_fraction if s.test_fraction is None else s.test_fraction}
+            for s in data_cfg.sources]
+
+
+def _check_sources(root: str, parent: dict | None, sources: list[dict]) -> list[dict]:
+    """The parent's sources updated with these; raises SettingsChanged when a known source's splits would move."""
+    merged = {s["name"]: s for s in (parent or {}).get("sources", [])}
+    for s in sources:
+        old = merged.get(s["name"])
+        for k in ("val_fraction", "test_fraction"):
+            if old is not None and old.get(k) is not None and old[k] != s[k]:
+                raise SettingsChanged(f"{root}: source '{s['name']}' was split with {k}={old[k]}, this config says "
+                                      f"{s[k]} (faces would change split); write to a new data.output")
+        merged[s["name"]] = s
+    return list(merged.values())
+
+
+def build_version(records: list[dict], data_cfg, root: str, engine: str = "ray",
+                  progress_every: float | None = None) -> BuildResult:
+    """Ingest what is new or changed in ``records`` into a new dataset version under ``root``.
+    ``progress_every``: print a progress line (inputs done / total, inputs/s, ETA) at most this often."""
     t0 = time.time()
     root = root.rstrip("/")
     settings = data_settings(data_cfg)
@@ -145,6 +206,7 @@ def build_version(records: list[dict], data_cfg, sources_meta: list[dict], root:
     if parent is not None and parent["config_hash"] != settings_hash(settings):
         raise SettingsChanged(f"{root} holds versions built with other data settings ({parent['config']} != "
                               f"{settings}); write to a new data.output")
+    meta = _check_sources(root, parent, sources_meta(data_cfg))
     # what the latest version holds, by input id -> fingerprint (accepted and quarantined alike)
     known = {v[3]: v[0] for v in (parent or {}).get("samples", {}).values()}
     known.update({q["input"]: q["fingerprint"] for q in (parent or {}).get("quarantine", [])
@@ -156,24 +218,39 @@ def build_version(records: list[dict], data_cfg, sources_meta: list[dict], root:
     if not todo and not new_dups:
         result.seconds = time.time() - t0
         return result
+    # labels an earlier run made (committed or not) travel with their records: dlib never sees them again
+    label_parts = set((parent or {}).get("labels", []))
+    if any(r.get("label") for r in todo):
+        cached, part_of = labels.load(root, LABELLER)
+        for r in todo:
+            hit = cached.get((r["key"], str(r["fingerprint"]))) if r.get("label") else None
+            if hit is not None:
+                r["labels"] = hit
+                label_parts.add(part_of[(r["key"], str(r["fingerprint"]))])
+                result.labels_reused += 1
     # a crashed run may have left temporary shards: they are never part of any version
     fs, path = storage.filesystem(storage.join(mf.shards_dir(root), "_tmp"))
     fs.delete_dir_contents(path, missing_dir_ok=True)
     kw = {"min_native_px": data_cfg.min_native_px, "val_fraction": data_cfg.val_fraction,
-          "test_fraction": data_cfg.test_fraction}
-    quarantined, shard_meta = [], []
+          "test_fraction": data_cfg.test_fraction,
+          "fractions": {s["name"]: (s["val_fraction"], s["test_fraction"]) for s in meta}}
+    tally = _Tally(len(todo), progress_every)
     if todo:
-        ingest = ingest_ray if engine == "ray" else ingest_plain
-        quarantined, shard_meta = ingest(todo, kw, root, data_cfg.shard_max_samples)
-    quarantined = list(quarantined) + new_dups
-    result.manifest = commit_version(root, parent, settings, sources_meta, todo, quarantined, shard_meta)
+        (ingest_ray if engine == "ray" else ingest_plain)(todo, kw, root, data_cfg.shard_max_samples, tally)
+    quarantined = [{k: v for k, v in r.items() if k != "type"} for r in tally.results if r["type"] == "quarantine"]
+    shard_meta = [{k: v for k, v in r.items() if k != "type"} for r in tally.results if r["type"] == "shard"]
+    label_parts |= {r["part"] for r in tally.results if r["type"] == "labels"}
+    result.labelled = int(tally.counts["labelled"])
+    quarantined += new_dups
+    result.manifest = commit_version(root, parent, settings, meta, todo, quarantined, shard_meta,
+                                     sorted(label_parts))
     result.quarantined, result.new_shards = quarantined, shard_meta
     result.seconds = time.time() - t0
     return result
 
 
-def commit_version(root: str, parent: dict | None, settings: dict, sources_meta: list[dict], todo: list[dict],
-                   quarantined: list[dict], shard_meta: list[dict]) -> dict:
+def commit_version(root: str, parent: dict | None, settings: dict, sources: list[dict], todo: list[dict],
+                   quarantined: list[dict], shard_meta: list[dict], label_parts: list[str]) -> dict:
     """Move the new shards into place under stable names, then write the manifest (the commit point)."""
     version = (parent["version"] if parent else 0) + 1
     next_idx = mf.next_shard_index(root, parent)
@@ -187,26 +264,36 @@ def commit_version(root: str, parent: dict | None, settings: dict, sources_meta:
             superseded.setdefault(name, []).append(key)
             del samples[key]
     fs, _ = storage.filesystem(root)
-    for meta in sorted(shard_meta, key=lambda m: (mf.SPLITS.index(m["split"]), m["first_key"])):
+    for meta in sorted(shard_meta, key=lambda m: (mf.SPLITS.index(m["split"]), m["source"], m["first_key"])):
         name = f"{meta['split']}-{next_idx:06d}.tar"
         next_idx += 1
         fs.move(storage.filesystem(meta["tmp"])[1], storage.filesystem(storage.join(mf.shards_dir(root), name))[1])
         for key, (fp, split, inp) in json.loads(meta["samples"]).items():
             samples[key] = [fp, split, name, inp]
-        shards.append({"name": name, "split": meta["split"], "count": int(meta["count"]), "sha256": meta["sha256"],
-                       "bytes": int(meta["bytes"]), "version_added": version})
+        shards.append({"name": name, "source": meta["source"], "split": meta["split"], "count": int(meta["count"]),
+                       "sha256": meta["sha256"], "bytes": int(meta["bytes"]), "version_added": version})
     new_inputs = {r["input"] for r in quarantined} | changed
     quarantine = [q for q in (parent or {}).get("quarantine", []) if q["input"] not in new_inputs]
     quarantine += [{"key": r["key"], "input": r["input"], "source": r["source"], "origin": r["origin"],
                     "reason": r["reason"], "detail": r["note"], "fingerprint": r["fingerprint"]} for r in quarantined]
     counts = {sp: 0 for sp in mf.SPLITS}
     counts.update(Counter(v[1] for v in samples.values()))
+    shard_source = {s["name"]: s.get("source") for s in shards}
+    by_source: dict[str, dict[str, int]] = {}
+    for _fp, split, name, _inp in samples.values():
+        row = by_source.setdefault(shard_source.get(name) or "?", {sp: 0 for sp in mf.SPLITS})
+        row[split] += 1
+    q_by_source: dict[str, dict[str, int]] = {}
+    for q in quarantine:
+        row = q_by_source.setdefault(q["source"], {})
+        row[q["reason"]] = row.get(q["reason"], 0) + 1
     manifest = {
         "format": mf.FORMAT, "version": version, "parent": parent["version"] if parent else None,
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "root": root,
-        "config": settings, "config_hash": settings_hash(settings), "sources": sources_meta,
-        "counts": counts, "accepted": len(samples), "quarantined": len(quarantine),
+        "config": settings, "config_hash": settings_hash(settings), "sources": sources,
+        "counts": counts, "counts_by_source": by_source, "accepted": len(samples), "quarantined": len(quarantine),
         "quarantine_by_reason": dict(Counter(q["reason"] for q in quarantine)),
+        "quarantine_by_source": q_by_source, "labels": label_parts,
         "shards": shards, "superseded": superseded, "samples": samples, "quarantine": quarantine,
     }
     manifest["digest"] = mf.digest(manifest)

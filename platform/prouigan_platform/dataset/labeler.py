@@ -47,6 +47,10 @@ def _predictor():
     return dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
 
 
+# names the labeller in label records: a change here must change this string (old labels are then redone)
+LABELLER = "dlib-hog(upsample 0, then 1)+shape_predictor_68"
+
+
 def detect_faces(rgb: np.ndarray, upsample: int = 1) -> list[np.ndarray]:
     """Every face dlib's HOG detector finds, as (68, 2) landmarks, largest first."""
     import dlib
@@ -55,6 +59,24 @@ def detect_faces(rgb: np.ndarray, upsample: int = 1) -> list[np.ndarray]:
     dets = sorted(_detector()(img, upsample), key=lambda r: -r.area())
     return [landmarks_in_box(img, (d.left(), d.top(), d.right(), d.bottom())) for d in dets
             if isinstance(d, dlib.rectangle)]
+
+
+def label_faces(rgb: np.ndarray) -> list[dict]:
+    """Every face in a photo as ``{"box": [l, t, r, b], "points": 68 x [x, y]}``, largest first.
+
+    The detector first looks at the photo as it is (4x cheaper) and upsamples it once only when that finds
+    nothing: faces of 80 px and more (aligned CelebA photos) are found at the first try."""
+    img = np.ascontiguousarray(rgb, dtype=np.uint8)
+    dets = []
+    for upsample in (0, 1):
+        dets = sorted(_detector()(img, upsample), key=lambda r: -r.area())
+        if dets:
+            break
+    out = []
+    for d in dets:
+        box = (d.left(), d.top(), d.right(), d.bottom())
+        out.append({"box": list(box), "points": np.round(landmarks_in_box(img, box), 2).tolist()})
+    return out
 
 
 def landmarks_in_box(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -4,9 +4,9 @@
     ROOT/manifests/v{version:04d}.json      written last: a version exists once its manifest does
 
 Each tar holds ``{key}.png`` (the aligned 128x128 HR face, lossless) and ``{key}.json`` (landmarks, source,
-native size, split).  A manifest lists its sources, the data-config hash, per-split counts, every shard
-(sample count, sha256, bytes, the version that added it), every sample (fingerprint, split, shard) and every
-quarantined input with its reason.  Versions are incremental: a new one keeps its parent's shards and adds
+native size, split).  A manifest lists its sources, the data-config hash, per-split counts (overall and per
+source), every shard (source, split, sample count, sha256, bytes, the version that added it), every sample
+(fingerprint, split, shard), every quarantined input with its reason, and the dlib label parts it used.  Versions are incremental: a new one keeps its parent's shards and adds
 shards for new or changed inputs; the samples of changed inputs are listed as superseded in their old shard.
 """
 
@@ -128,10 +128,27 @@ def verify_shard(uri: str, sha256: str) -> bool:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == sha256
 
 
-def shard_uris(manifest: dict, split: str) -> list[str]:
+def shard_uris(manifest: dict, split: str, source: str | None = None) -> list[str]:
+    """The shards of one split (of one source when given), in manifest order."""
     root = manifest.get("_root", manifest["root"])
-    return [storage.join(shards_dir(root), s["name"]) for s in manifest["shards"] if s["split"] == split]
+    return [storage.join(shards_dir(root), s["name"]) for s in manifest["shards"]
+            if s["split"] == split and (source is None or s.get("source") == source)]
+
+
+def source_names(manifest: dict) -> list[str]:
+    """The sources whose faces this version holds (by their shards), in the order they were added."""
+    return list(dict.fromkeys(s["source"] for s in manifest["shards"] if s.get("source")))
+
+
+def split_count(manifest: dict, split: str, source: str | None = None) -> int:
+    if source is None:
+        return int(manifest["counts"].get(split, 0))
+    by_source = manifest.get("counts_by_source", {})
+    if source not in by_source:
+        raise ValueError(f"dataset {manifest.get('_uri', '')} has no source '{source}'; it has: "
+                         f"{', '.join(by_source) or 'no per-source counts (built before sources were recorded)'}")
+    return int(by_source[source].get(split, 0))
 
 
 __all__ = ["FORMAT", "SPLITS", "digest", "encode_tar", "iter_tar", "latest_version", "load", "manifest_uri",
-           "next_shard_index", "read_shard", "save", "shard_uris", "verify_shard"]
+           "next_shard_index", "read_shard", "save", "shard_uris", "source_names", "split_count", "verify_shard"]

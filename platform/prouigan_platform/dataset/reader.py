@@ -5,6 +5,10 @@ when there are enough of them, else a hash of the sample key picks the reader.  
 occlusion (from ``prouigan.occlusion``) and degradation every time they are read, through a shuffle buffer;
 val/test examples get the occlusion seeded by their key, identical on every run and machine.  Occlusions are
 never baked into the shards.  A corrupt or truncated shard is skipped with a warning and counted.
+
+A version may hold several sources.  ``source=`` reads one of them (a per-source val or test split);
+``data.source_weights`` mixes them in training: each source is its own endless, shuffled stream, and every
+example comes from a source drawn with those weights (0 leaves a source out).
 """
 
 from __future__ import annotations
@@ -53,7 +57,25 @@ def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, occlu
         "landmarks": torch.from_numpy(lm_arr if lm_arr is not None else np.zeros((68, 2), np.float32)),
         "has_landmarks": torch.tensor(lm_arr is not None),
         "key": meta["key"],
+        "source": meta.get("source") or "",
     }
+
+
+def mix_weights(manifest: dict, split: str, weights: dict[str, float]) -> dict[str, float]:
+    """source -> probability of the training mix; {} = by size.  Every source of the split must be named."""
+    names = [n for n in mf.source_names(manifest) if mf.shard_uris(manifest, split, n)]
+    if not weights:
+        return {}
+    unknown = sorted(set(weights) - set(names))
+    missing = [n for n in names if n not in weights]
+    if unknown or missing:
+        raise ValueError(f"data.source_weights must name each source of the dataset ({', '.join(names)})"
+                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                         + (f"; missing: {', '.join(missing)}" if missing else ""))
+    total = sum(weights[n] for n in names)
+    if total <= 0:
+        raise ValueError(f"data.source_weights gives no weight to any source of the '{split}' split")
+    return {n: weights[n] / total for n in names if weights[n] > 0}
 
 
 class FaceShards(torch.utils.data.IterableDataset):
@@ -63,7 +85,8 @@ class FaceShards(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, manifest: dict | str, split: str, data: DataConfig, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, epochs: int | None = 1, shuffle: bool | None = None, limit: int | None = None):
+                 seed: int = 0, epochs: int | None = 1, shuffle: bool | None = None, limit: int | None = None,
+                 source: str | None = None):
         super().__init__()
         self.manifest = mf.load(manifest) if isinstance(manifest, str) else manifest
         if split not in mf.SPLITS:
@@ -72,7 +95,12 @@ class FaceShards(torch.utils.data.IterableDataset):
         self.seed, self.epochs, self.limit = seed, epochs, limit
         self.train = split == "train"
         self.shuffle = self.train if shuffle is None else shuffle
-        self.shards = mf.shard_uris(self.manifest, split)
+        if source is not None:
+            mf.split_count(self.manifest, split, source)  # an unknown source is an error naming the known ones
+        self.shards = mf.shard_uris(self.manifest, split, source)
+        # weighted mixing: endless training streams only (a finite pass reads every face once)
+        self.mix = mix_weights(self.manifest, split, data.source_weights) if epochs is None and source is None \
+            else {}
         self.stale = {(name, k) for name, keys in self.manifest.get("superseded", {}).items() for k in keys}
         self.stats = {"samples": 0, "bad_shards": 0, "bad_samples": 0}
 
@@ -93,11 +121,11 @@ class FaceShards(torch.utils.data.IterableDataset):
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
 
-    def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
-        shards = list(self.shards)
+    def _samples(self, epoch: int, reader: int, readers: int, shards: list[str]) -> Iterator[dict]:
+        shards = list(shards)
         if self.shuffle:
             np.random.default_rng([self.seed, epoch]).shuffle(shards)
-        if len(self.shards) >= readers:
+        if len(shards) >= readers:
             for uri in shards[reader::readers]:
                 yield from self._shard_samples(uri)
         else:  # fewer shards than readers: everyone streams every shard and keeps its own keys
@@ -122,25 +150,49 @@ class FaceShards(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def __iter__(self) -> Iterator[dict]:
-        reader, readers = self._reader_id()
-        epoch, n = 0, 0
+    def _stream(self, shards: list[str], reader: int, readers: int, stream: int = 0) -> Iterator[dict]:
+        """Shard samples of ``shards`` for this reader, epoch after epoch, through the shuffle buffer."""
+        epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            rng = np.random.default_rng([self.seed, epoch, reader])
-            for s in self._shuffled(self._samples(epoch, reader, readers), rng):
-                ex_rng = rng if self.train else np.random.default_rng(seed_from_key(s["__key__"]))
-                try:
-                    ex = make_example(s, ex_rng, self.data, occlude=True)
-                except Exception as e:
-                    self.stats["bad_samples"] += 1
-                    warnings.warn(f"skipping sample {s.get('__key__')}: {type(e).__name__}: {e}", RuntimeWarning,
-                                  stacklevel=2)
-                    continue
-                self.stats["samples"] += 1
-                yield ex
+            rng = np.random.default_rng([self.seed, epoch, reader, stream])
+            n = 0
+            for s in self._shuffled(self._samples(epoch, reader, readers, shards), rng):
                 n += 1
-                if self.limit is not None and n >= self.limit:
-                    return
+                yield s
             epoch += 1
             if n == 0:
                 return  # nothing readable for this reader: do not spin forever
+
+    def _mixed(self, reader: int, readers: int) -> Iterator[dict]:
+        names = list(self.mix)
+        p = np.array([self.mix[n] for n in names])
+        streams = {n: self._stream(mf.shard_uris(self.manifest, self.split, n), reader, readers, i)
+                   for i, n in enumerate(names)}
+        rng = np.random.default_rng([self.seed, reader, 7])
+        while names:
+            i = int(rng.choice(len(names), p=p / p.sum()))
+            try:
+                yield next(streams[names[i]])
+            except StopIteration:  # a source with nothing for this reader drops out of the mix
+                del names[i]
+                p = np.delete(p, i)
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = self._reader_id()
+        rng = np.random.default_rng([self.seed, reader, 11])  # training occlusions
+        n = 0
+        samples = self._mixed(reader, readers) if self.mix else self._stream(self.shards, reader, readers)
+        for s in samples:
+            ex_rng = rng if self.train else np.random.default_rng(seed_from_key(s["__key__"]))
+            try:
+                ex = make_example(s, ex_rng, self.data, occlude=True)
+            except Exception as e:
+                self.stats["bad_samples"] += 1
+                warnings.warn(f"skipping sample {s.get('__key__')}: {type(e).__name__}: {e}", RuntimeWarning,
+                              stacklevel=2)
+                continue
+            self.stats["samples"] += 1
+            yield ex
+            n += 1
+            if self.limit is not None and n >= self.limit:
+                return
