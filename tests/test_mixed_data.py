@@ -138,8 +138,8 @@ def test_a_photo_folder_with_a_groups_sidecar_keeps_each_person_in_one_split(cel
 
 
 def test_a_mixed_version_counts_each_source_and_the_reader_weights_them(tmp_path):
-    data = _data([SourceConfig(kind="synthetic", count=40, name="a"), SourceConfig(kind="synthetic", count=40, name="b")],
-                 shard_max_samples=8)
+    data = _data([SourceConfig(kind="synthetic", count=40, name="a"),
+                  SourceConfig(kind="synthetic", count=40, name="b")], shard_max_samples=8)
     m = build_version(list_sources(data.sources), data, str(tmp_path / "ds"), engine="plain").manifest
     assert set(m["counts_by_source"]) == {"a", "b"}
     assert sum(sum(c.values()) for c in m["counts_by_source"].values()) == m["accepted"] == 80
@@ -157,6 +157,9 @@ def test_a_mixed_version_counts_each_source_and_the_reader_weights_them(tmp_path
     assert 0.65 < skewed["b"] / 400 < 0.85
     with pytest.raises(ValueError, match="must name each source"):
         FaceShards(m, "train", data.model_copy(update={"source_weights": {"a": 1.0}}), epochs=None)
+    # a limited pass (training's validation) takes turns between the sources; a full pass reads every face once
+    assert {ex["source"] for ex in FaceShards(m, "val", data, limit=4)} == {"a", "b"}
+    assert len(list(FaceShards(m, "val", data))) == m["counts"]["val"]
     # one source's split: what evaluation scores per source
     val_a = list(FaceShards(m, "val", data, source="a"))
     assert len(val_a) == m["counts_by_source"]["a"]["val"] and {ex["source"] for ex in val_a} == {"a"}

@@ -6,8 +6,9 @@
 Each tar holds ``{key}.png`` (the aligned 128x128 HR face, lossless) and ``{key}.json`` (landmarks, source,
 native size, split).  A manifest lists its sources, the data-config hash, per-split counts (overall and per
 source), every shard (source, split, sample count, sha256, bytes, the version that added it), every sample
-(fingerprint, split, shard), every quarantined input with its reason, and the dlib label parts it used.  Versions are incremental: a new one keeps its parent's shards and adds
-shards for new or changed inputs; the samples of changed inputs are listed as superseded in their old shard.
+(fingerprint, split, shard), every quarantined input with its reason, and the dlib label parts it used.
+Versions are incremental: a new one keeps its parent's shards and adds shards for new or changed inputs; the
+samples of changed inputs are listed as superseded in their old shard.
 """
 
 from __future__ import annotations

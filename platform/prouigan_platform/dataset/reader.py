@@ -97,6 +97,7 @@ class FaceShards(torch.utils.data.IterableDataset):
         self.shuffle = self.train if shuffle is None else shuffle
         if source is not None:
             mf.split_count(self.manifest, split, source)  # an unknown source is an error naming the known ones
+        self.source = source
         self.shards = mf.shard_uris(self.manifest, split, source)
         # weighted mixing: endless training streams only (a finite pass reads every face once)
         self.mix = mix_weights(self.manifest, split, data.source_weights) if epochs is None and source is None \
@@ -177,11 +178,26 @@ class FaceShards(torch.utils.data.IterableDataset):
                 del names[i]
                 p = np.delete(p, i)
 
+    def _interleaved(self, reader: int, readers: int) -> Iterator[dict]:
+        """One source after the other, sample by sample: a ``limit`` (training's validation) sees every source."""
+        names = [n for n in mf.source_names(self.manifest) if mf.shard_uris(self.manifest, self.split, n)]
+        streams = [self._stream(mf.shard_uris(self.manifest, self.split, n), reader, readers, i)
+                   for i, n in enumerate(names)]
+        while streams:
+            for it in list(streams):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    streams.remove(it)
+
     def __iter__(self) -> Iterator[dict]:
         reader, readers = self._reader_id()
         rng = np.random.default_rng([self.seed, reader, 11])  # training occlusions
         n = 0
-        samples = self._mixed(reader, readers) if self.mix else self._stream(self.shards, reader, readers)
+        several = self.source is None and len(mf.source_names(self.manifest)) > 1
+        samples = self._mixed(reader, readers) if self.mix else \
+            self._interleaved(reader, readers) if several and self.epochs is not None else \
+            self._stream(self.shards, reader, readers)
         for s in samples:
             ex_rng = rng if self.train else np.random.default_rng(seed_from_key(s["__key__"]))
             try:
