@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipelines.demo
+	$(BIN)/prouigan demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not cluster" $(PYTEST_ARGS)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.train import fit
 from prouigan_platform.config import load_config
 from prouigan_platform.dataset.build import build_version
 from prouigan_platform.dataset.sources import list_sources
+from prouigan_platform.training.driver import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

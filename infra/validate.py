@@ -11,6 +11,10 @@
 - systemd units: ``systemd-analyze verify``-style checks that need no systemd: sections and keys, and the
   timer's calendar expression through ``systemd-analyze calendar`` where that tool exists.
 - Dockerfile: the base image's Ray version and the torch pin match pyproject.toml.
+- Security, on every file: pods run as non-root with no privilege escalation and every capability dropped; no
+  secret value or secret variable on a command line; no Secret with a placeholder value; MLflow behind its
+  basic-auth app; Ray pods with token authentication and the token from a Secret; a default-deny NetworkPolicy
+  with policies for MLflow, its database and the Ray cluster.
 """
 
 from __future__ import annotations
@@ -128,11 +132,84 @@ def validate_k8s_document(doc: dict, where: str) -> str:
     return f"{kind}/{doc['metadata']['name']}"
 
 
+PLACEHOLDER = re.compile(r"replace|change.?me|todo|example|your[_-]|xxx|^$|^(password|secret|admin|token)$", re.I)
+SECRET_ON_CMDLINE = re.compile(r"\$\{?[A-Z_]*(PASSWORD|SECRET|TOKEN|KEY)[A-Z_]*\}?|://[^/\s:@]+:[^@\s]+@")
+
+
+def pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod a document makes."""
+    kind = doc.get("kind")
+    if kind in KUBERAY_SCHEMAS:
+        return [(path, t["spec"]) for path, t in _pod_templates(doc)]
+    spec = doc.get("spec", {})
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return [("template", spec["template"]["spec"])]
+    if kind == "CronJob":
+        return [("jobTemplate.template", spec["jobTemplate"]["spec"]["template"]["spec"])]
+    if kind == "Pod":
+        return [("pod", spec)]
+    return []
+
+
+def check_security(doc: dict, where: str) -> None:
+    """Non-root pods without privileges, credentials only from Secrets and never on a command line."""
+    kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
+    if kind == "Secret":
+        for key, value in {**doc.get("stringData", {}), **doc.get("data", {})}.items():
+            if PLACEHOLDER.search(str(value)):
+                raise Invalid(f"{where}: Secret/{name} key {key} holds a placeholder ({value!r}): secrets are created "
+                              "from a secret manager (kubectl create secret ...), never committed with stand-ins")
+    for path, pod in pod_specs(doc):
+        at = f"{where}: {kind}/{name} {path}"
+        if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
+            raise Invalid(f"{at}: the pod must set securityContext.runAsNonRoot: true")
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            sc = c.get("securityContext") or {}
+            if sc.get("privileged") or sc.get("allowPrivilegeEscalation") is not False:
+                raise Invalid(f"{at} container {c['name']}: set securityContext.allowPrivilegeEscalation: false")
+            if "ALL" not in (sc.get("capabilities") or {}).get("drop", []):
+                raise Invalid(f"{at} container {c['name']}: drop every capability (capabilities.drop: [ALL])")
+            cmdline = " ".join(map(str, (c.get("command") or []) + (c.get("args") or [])))
+            if SECRET_ON_CMDLINE.search(cmdline):
+                raise Invalid(f"{at} container {c['name']}: a credential on the command line "
+                              f"({SECRET_ON_CMDLINE.search(cmdline).group(0)!r}); pass it as an environment "
+                              "variable from a Secret (secretKeyRef) instead")
+            for e in c.get("env", []):
+                if re.search(r"PASSWORD|SECRET|TOKEN|_KEY", e["name"]) and "value" in e and e["name"] != "HOME":
+                    raise Invalid(f"{at} container {c['name']}: {e['name']} has a literal value; use secretKeyRef")
+            if kind in KUBERAY_SCHEMAS and c["name"].startswith("ray-") and not any(
+                    e["name"] == "RAY_AUTH_TOKEN" and "secretKeyRef" in e.get("valueFrom", {})
+                    for e in c.get("env", [])):
+                raise Invalid(f"{at} container {c['name']}: Ray needs RAY_AUTH_TOKEN from a Secret (token auth)")
+    if kind == "Deployment" and name == "mlflow":
+        cmd = doc["spec"]["template"]["spec"]["containers"][0].get("command", [])
+        if "--app-name" not in cmd or cmd[cmd.index("--app-name") + 1] != "basic-auth":
+            raise Invalid(f"{where}: Deployment/mlflow must run behind MLflow's basic-auth app (--app-name basic-auth)")
+    if kind == "ConfigMap" and name == "prouigan-env" and doc.get("data", {}).get("RAY_AUTH_MODE") != "token":
+        raise Invalid(f"{where}: ConfigMap/prouigan-env must set RAY_AUTH_MODE: token")
+
+
+def check_network_policies(docs: list[dict]) -> None:
+    """A default deny for the namespace, and a policy for each service that listens."""
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if not any(d["spec"].get("podSelector") == {} and "Ingress" in d["spec"].get("policyTypes", []) and
+               not d["spec"].get("ingress") for d in policies):
+        raise Invalid("infra/k8s: no default-deny ingress NetworkPolicy (podSelector: {}, policyTypes: [Ingress])")
+    selected = [d["spec"].get("podSelector", {}).get("matchLabels", {}) for d in policies]
+    for need in ({"app": "mlflow"}, {"app": "mlflow-db"}, {"ray.io/cluster": "prouigan"}):
+        if need not in selected:
+            raise Invalid(f"infra/k8s: no NetworkPolicy selects the pods {need}")
+
+
 def validate_k8s_file(path: Path) -> list[str]:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     if not docs:
         raise Invalid(f"{path}: no documents")
-    return [validate_k8s_document(d, str(path.relative_to(ROOT))) for d in docs]
+    out = []
+    for d in docs:
+        out.append(validate_k8s_document(d, str(path.relative_to(ROOT))))
+        check_security(d, str(path.relative_to(ROOT)))
+    return out
 
 
 def validate_ray_cluster(path: Path) -> str:
@@ -186,6 +263,8 @@ def validate_all() -> list[tuple[str, str]]:
     infra = ROOT / "infra"
     for p in sorted((infra / "k8s").glob("*.yaml")):
         out.append((str(p.relative_to(ROOT)), ", ".join(validate_k8s_file(p))))
+    check_network_policies([d for p in sorted((infra / "k8s").glob("*.yaml"))
+                            for d in yaml.safe_load_all(p.read_text()) if d])
     for p in sorted((infra / "vm").glob("*.service")) + sorted((infra / "vm").glob("*.timer")):
         out.append((str(p.relative_to(ROOT)), validate_systemd(p)))
     out.append(("infra/docker/Dockerfile", validate_dockerfile(infra / "docker" / "Dockerfile")))

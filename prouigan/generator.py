@@ -23,6 +23,11 @@ from prouigan.attention import CrossModalAttention
 from prouigan.presets import GeneratorConfig
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") else module
+
+
 def _act() -> nn.Module:
     return nn.LeakyReLU(0.2, inplace=True)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prouigan.generator import GeneratorOutput, ProUIGANGenerator
+from prouigan.generator import GeneratorOutput, ProUIGANGenerator, unwrap
 from prouigan.presets import GeneratorConfig
 
 CHECKPOINT_FORMAT = "prouigan-generator/1"
@@ -15,7 +15,7 @@ CHECKPOINT_FORMAT = "prouigan-generator/1"
 
 def generator_state(generator: ProUIGANGenerator) -> dict:
     """What a generator checkpoint holds: weights + the architecture arguments to rebuild it."""
-    g = generator.module if hasattr(generator, "module") else generator  # unwrap DDP
+    g = unwrap(generator)
     return {"format": CHECKPOINT_FORMAT, "generator_config": g.cfg.to_dict(),
             "generator": {k: v.detach().cpu() for k, v in g.state_dict().items()}}
 

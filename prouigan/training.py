@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prouigan.discriminators import local_crop_boxes
+from prouigan.generator import unwrap
 from prouigan.landmarks import heatmaps
 from prouigan.losses import LossWeights, VGGFeatures, discriminator_loss, generator_loss
 
@@ -21,10 +22,6 @@ from prouigan.losses import LossWeights, VGGFeatures, discriminator_loss, genera
 def cosine_factor(progress: float, floor: float = 0.02) -> float:
     """Learning-rate multiplier at ``progress`` (0..1) of a run: cosine from 1 down to ``floor``."""
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module
 
 
 class GANStep:
@@ -76,8 +73,8 @@ class GANStep:
             # gradients for D's own (frozen here) parameters
             total, terms = generator_loss(
                 out, hr, targets, self.weights,
-                _unwrap(self.d_global) if self.adversarial else None,
-                _unwrap(self.d_local) if self.adversarial else None, boxes, self.vgg)
+                unwrap(self.d_global) if self.adversarial else None,
+                unwrap(self.d_local) if self.adversarial else None, boxes, self.vgg)
         # D's parameters get no grad from the G step
         for d in (self.d_global, self.d_local):
             d.requires_grad_(False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +71,31 @@ def aligned_faces(n: int, seed: int = 0):
     return np.stack(imgs), np.stack(lms)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory):
-    """The real embedded stack (moto S3, MLflow server, Ray head) on free ports, for this test session."""
+@contextmanager
+def own_stack(state_dir: Path, **kw):
+    """A stack of a test's own on free ports, its environment exported while it runs; down (data kept) after."""
     from prouigan_platform import stack as st
 
-    spec = st.StackSpec(
-        state_dir=tmp_path_factory.mktemp("platform"), s3_port=st.free_port(), mlflow_port=st.free_port(),
-        ray_port=st.free_port(), dashboard_port=st.free_port(), ray_client_port=st.free_port(),
-        ray_num_cpus=4, object_store_mb=512,
-    )
+    spec = st.StackSpec.on_free_ports(state_dir, **{"ray_num_cpus": 2, "object_store_mb": 256, **kw})
+    saved = dict(os.environ)
+    try:
+        st.up(spec, log=lambda *_: None)
+        os.environ.update(spec.env())
+        yield spec
+    finally:
+        st.down(spec.state_dir, log=lambda *_: None)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The real embedded stack on free ports, for this test session: Ray head (token auth), MLflow server, and the
+    optional S3 test server, so that every S3 path of the platform is exercised (the store is its bucket)."""
+    from prouigan_platform import stack as st
+
+    spec = st.StackSpec.on_free_ports(tmp_path_factory.mktemp("platform"), s3=True, ray_num_cpus=4,
+                                      object_store_mb=512)
     st.up(spec)
     saved = {k: os.environ.get(k) for k in spec.env()}
     os.environ.update(spec.env())

@@ -32,7 +32,12 @@ MODEL = "prouigan-cluster-test"
 
 
 def _get(url: str):
-    with urllib.request.urlopen(url, timeout=5) as r:
+    """The dashboard's REST API, with the Ray token every node of this cluster was started with."""
+    req = urllib.request.Request(url)
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_path:
+        req.add_header("Authorization", f"Bearer {Path(token_path).read_text().strip()}")
+    with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 
 

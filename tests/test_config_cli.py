@@ -66,7 +66,7 @@ def test_cli_bad_config_exits_2_with_one_line(args):
                          cwd=REPO, timeout=60)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prouigan: error:")
+    assert len(lines) == 1 and lines[0].startswith("prouigan config: error:")
 
 
 def test_cli_prints_resolved_config():

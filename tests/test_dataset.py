@@ -130,7 +130,7 @@ def test_unreadable_source_is_a_clear_error(tmp_path):
     for path in (tmp_path / "missing", tmp_path / "file.txt"):
         if path.suffix:
             path.write_text("x")
-        out = subprocess.run([sys.executable, "-m", "pipelines.shard", "--local", "--config", "smoke",
+        out = subprocess.run([sys.executable, "pipelines/shard.py", "--local", "--config", "smoke",
                               f"data.sources=[{{kind: 300w, path: {path}}}]", f"data.output={tmp_path / 'o'}"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 1
@@ -269,18 +269,33 @@ def test_reader_examples_val_deterministic_train_random(shared_local):
     assert len([next(it) for _ in range(shared_local["counts"]["train"] + 5)]) > shared_local["counts"]["train"]
 
 
-def test_truncated_tar_is_skipped_with_a_count(shared_local, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "tampered"])
+def test_a_damaged_shard_is_skipped_with_a_count_and_evaluation_is_partial(shared_local, tmp_path, damage):
+    """A shard whose bytes are not the ones the manifest recorded (cut short, or one pixel byte changed with the
+    tar still valid) is detected by its sha256 while it streams, skipped with a warning and counted; an
+    evaluation over it is not complete."""
     import shutil
+
+    from prouigan_platform.evaluation import load_split
 
     root = tmp_path / "copy"
     shutil.copytree(shared_local["_root"], root)
     victim = root / "shards" / mf.shard_uris(shared_local, "val")[0].rsplit("/", 1)[-1]
-    data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 3])
-    ds = FaceShards(mf.load(str(root)), "val", _data())
-    with pytest.warns(RuntimeWarning, match="skipping the rest of shard"):
+    data = bytearray(victim.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 3]
+    else:
+        data[len(data) // 2] ^= 0x01  # inside some PNG's bytes: a valid tar, a different image
+    victim.write_bytes(bytes(data))
+    m = mf.load(str(root))
+    ds = FaceShards(m, "val", _data())
+    with pytest.warns(RuntimeWarning, match="skipping shard .*" + ("sha256 mismatch" if damage == "tampered" else "")):
         got = list(ds)
-    assert ds.stats["bad_shards"] == 1 and 0 < len(got) < shared_local["counts"]["val"]
+    n_victim = next(s["count"] for s in m["shards"] if s["name"] == victim.name)
+    assert ds.stats["bad_shards"] == 1 and len(got) == m["counts"]["val"] - n_victim
+    with pytest.warns(RuntimeWarning):
+        split = load_split(m["_uri"], "val", _data())
+    assert split.bad_shards == 1 and not split.complete
 
 
 def test_celeba_layout_uses_five_points_and_its_partition(ray_on_stack, tmp_path):

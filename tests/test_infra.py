@@ -23,8 +23,9 @@ def test_every_infra_file_validates():
     checked = dict(infra.validate_all())
     kinds = " ".join(checked.values())
     for kind in ("RayCluster/", "RayJob/", "CronJob/", "Deployment/mlflow", "StatefulSet/mlflow-db", "ConfigMap/",
-                 "Secret/"):
+                 "NetworkPolicy/prouigan-default-deny"):
         assert kind in kinds
+    assert "Secret/" not in kinds  # secrets come from a secret manager, never from the repository
     assert {"infra/vm/prouigan-retrain.service", "infra/vm/prouigan-retrain.timer", "infra/docker/Dockerfile",
             "ray_cluster.yaml"} <= set(checked)
 
@@ -44,6 +45,47 @@ def test_the_checks_reject_broken_manifests(file, mutate, message):
     with pytest.raises(infra.Invalid, match=message):
         for d in docs:
             infra.validate_k8s_document(d, file)
+
+
+def _mlflow_container(d):
+    return d[3]["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("file,mutate,message", [
+    ("mlflow.yaml", lambda d: d[3]["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    ("mlflow.yaml", lambda d: _mlflow_container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+     "allowPrivilegeEscalation"),
+    ("mlflow.yaml", lambda d: _mlflow_container(d).update(command=["mlflow", "server", "--backend-store-uri",
+                                                                   "postgresql://mlflow:${POSTGRES_PASSWORD}@db/x"]),
+     "credential on the command line"),
+    ("mlflow.yaml", lambda d: _mlflow_container(d).update(command=["mlflow", "server", "--host", "0.0.0.0"]),
+     "basic-auth"),
+    ("mlflow.yaml", lambda d: _mlflow_container(d)["env"].append({"name": "MLFLOW_AUTH_ADMIN_PASSWORD",
+                                                                  "value": "hunter2"}), "literal value"),
+    ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("env"),
+     "RAY_AUTH_TOKEN"),
+    ("prouigan-env.yaml", lambda d: d[0]["data"].update(RAY_AUTH_MODE="disabled"), "RAY_AUTH_MODE"),
+])
+def test_the_security_checks_reject_weakened_manifests(file, mutate, message):
+    docs = copy.deepcopy(_docs(file))
+    mutate(docs)
+    with pytest.raises(infra.Invalid, match=message):
+        for d in docs:
+            infra.check_security(d, file)
+
+
+def test_placeholder_secrets_and_a_missing_default_deny_are_rejected():
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+              "stringData": {"AWS_SECRET_ACCESS_KEY": "REPLACE_ME"}}
+    with pytest.raises(infra.Invalid, match="placeholder"):
+        infra.check_security(secret, "x.yaml")
+    infra.check_security({**secret, "stringData": {"AWS_SECRET_ACCESS_KEY": "k3J9q0vX2m"}}, "x.yaml")
+    policies = _docs("networkpolicy.yaml")
+    infra.check_network_policies(policies)
+    with pytest.raises(infra.Invalid, match="default-deny"):
+        infra.check_network_policies(policies[1:])
+    with pytest.raises(infra.Invalid, match="mlflow"):
+        infra.check_network_policies([p for p in policies if p["metadata"]["name"] != "mlflow"])
 
 
 def test_a_bad_timer_schedule_and_a_drifted_pin_are_caught(tmp_path):

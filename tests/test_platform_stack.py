@@ -1,5 +1,6 @@
-"""The embedded platform stack, as real processes on loopback: health, S3 through boto3 and pyarrow, a Ray
-task on the head, MLflow REST + UI, idempotent `up`, clean `down`, data surviving down + up, busy ports."""
+"""The embedded platform stack, as real processes on loopback: health, every listening socket on loopback, Ray's
+token required, S3 through boto3 and pyarrow, a Ray task on the head, MLflow REST + UI, idempotent `up`, clean
+`down`, data surviving down + up, busy ports."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import psutil
 import pytest
 
 from prouigan_platform import stack as st
+from tests.conftest import REPO, own_stack
 
 pytestmark = pytest.mark.stack
 
@@ -43,10 +46,65 @@ def test_object_written_with_boto3_reads_back_with_pyarrow(stack):
     assert read_bytes(f"s3://{stack.bucket}/tests/hello.bin") == b"\x00pro-uigan\xff"
 
 
+def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            out.append((c.pid, c.laddr.ip, c.laddr.port))
+    return out
+
+
+def _loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1") or ip.startswith("::ffff:127.")
+
+
+def test_every_listening_socket_is_on_loopback_and_ray_wants_its_token(stack, tmp_path):
+    import ray
+
+    from prouigan_platform.ray_node import keep_node_address
+
+    ray.shutdown()
+    keep_node_address()
+    ray.init(address=stack.ray_address, log_to_driver=False)  # the stack's env: RAY_AUTH_MODE + token path
+    try:  # start workers, so their sockets are counted too
+        assert ray.get([ray.remote(lambda i: i * i).remote(i) for i in range(4)]) == [0, 1, 4, 9]
+        sockets = _listening(st.stack_pids(stack.state_dir))
+        names = {psutil.Process(pid).name() for pid, _, _ in sockets}
+        assert len(sockets) >= 8 and {"gcs_server", "raylet"} <= names, (names, sockets)
+        wide = [(psutil.Process(pid).name(), ip, port) for pid, ip, port in sockets if not _loopback(ip)]
+        assert wide == [], wide
+    finally:
+        ray.shutdown()
+    # a client without the token, or with another one, is refused
+    code = ("import ray; from prouigan_platform.ray_node import keep_node_address; keep_node_address(); "
+            f"ray.init(address='{stack.ray_address}', log_to_driver=False); print('CONNECTED')")
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}, {"RAY_AUTH_MODE": "disabled"}):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**clean, "HOME": str(tmp_path), **env})
+        assert out.returncode != 0 and "CONNECTED" not in out.stdout, (env, out.stdout[-500:], out.stderr[-1500:])
+        assert "uthenticat" in out.stderr or "token" in out.stderr.lower(), out.stderr[-1500:]
+    # the dashboard / Jobs API too
+    token = stack.token_file.read_text().strip()
+    assert oct(stack.token_file.stat().st_mode & 0o777) == "0o600"
+    req = urllib.request.Request(f"{stack.dashboard_url}/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code in (401, 403)
+    req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+
+
 def test_ray_task_runs_on_the_local_head(stack):
     import ray
 
+    from prouigan_platform.ray_node import keep_node_address
+
     ray.shutdown()  # a connection left by an earlier test module; this test connects by address itself
+    keep_node_address()
     ray.init(address=stack.ray_address, log_to_driver=False)
     try:
         node = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())
@@ -66,14 +124,13 @@ def test_up_twice_starts_nothing_twice(stack):
     after = {r["service"]: r["pid"] for r in st.status(stack.state_dir)}
     assert before == after
     already = [s for s in st.SERVICES if any(line.startswith(f"{s}: already running") for line in lines)]
-    assert already == list(st.SERVICES)
+    assert already == list(st.SERVICES) == list(stack.services())
 
 
 def test_hello_pipeline_logs_a_run_with_an_artifact_in_the_bucket(stack):
     env = {**os.environ, **stack.env()}
-    out = subprocess.run([sys.executable, "-m", "pipelines.hello", "--config", "smoke",
-                          "tracking.experiment=hello-test"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "pipelines/hello.py", "--config", "smoke", "tracking.experiment=hello-test"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sum of squares = 140" in out.stdout
     import mlflow
@@ -94,7 +151,7 @@ def test_a_taken_port_gives_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", "platform", "up",
+        out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", "platform", "up", "--s3",
                               "--state-dir", str(tmp_path), "--s3-port", str(port)],
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
@@ -108,13 +165,7 @@ def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
 
     from prouigan_platform.storage import boto3_client
 
-    spec = st.StackSpec(state_dir=tmp_path / "state", s3_port=st.free_port(), mlflow_port=st.free_port(),
-                        ray_port=st.free_port(), dashboard_port=st.free_port(), ray_client_port=st.free_port(),
-                        ray_num_cpus=2, object_store_mb=256)
-    saved = dict(os.environ)
-    try:
-        st.up(spec, log=lambda *_: None)
-        os.environ.update(spec.env())
+    with own_stack(tmp_path / "state", s3=True) as spec:
         boto3_client().put_object(Bucket=spec.bucket, Key="keep/", Body=b"")  # a folder marker beside data
         boto3_client().put_object(Bucket=spec.bucket, Key="keep/me.txt", Body=b"still here")
         exp_id = mlflow.MlflowClient(spec.mlflow_uri).create_experiment("survives")
@@ -128,7 +179,3 @@ def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
         st.up(spec, log=lambda *_: None)
         assert boto3_client().get_object(Bucket=spec.bucket, Key="keep/me.txt")["Body"].read() == b"still here"
         assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "survives"
-    finally:
-        st.down(spec.state_dir, log=lambda *_: None)
-        os.environ.clear()
-        os.environ.update(saved)

@@ -122,7 +122,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_the_step_count_continu
 
 
 def test_progress_takes_the_step_count_or_the_time_budget_whichever_comes_first():
-    from pipelines.train import progress
+    from prouigan_platform.training.worker import progress
 
     assert progress(5, 10, 0.0, None) == 0.5
     assert progress(1, 100, 30.0, 60.0) == 0.5
@@ -144,3 +144,27 @@ def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     assert steps and 0 < steps[-1] < 100000
     state = torch.load(tmp_path / "ck" / "budget" / f"step_{steps[-1]:07d}" / "state.pt", weights_only=True)
     assert state["step"] == steps[-1] and 18 <= state["elapsed_s"] < 120
+
+
+def test_resuming_with_another_model_is_a_one_line_config_error(trained):
+    stack, common, _ = trained
+    out = _cli(stack, "train", *common, "train.steps=8", "model.overrides.attn_dim=4")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    assert lines[-1].startswith("prouigan train: error: config key 'model'") and "attn_dim" in lines[-1]
+    assert "Traceback" not in out.stderr
+
+
+def test_checkpoint_every_is_its_own_rhythm_and_the_console_shows_progress(stack, tmp_path):
+    common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=rhythm",
+              "tracking.experiment=rhythm", "train.num_workers=1", "train.steps=6", "train.val_every=4",
+              "train.checkpoint_every=2", "train.keep_best=10"]
+    assert _cli(stack, "shard", *common).returncode == 0
+    out = _cli(stack, "train", *common)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert sorted(p.name for p in (tmp_path / "ck" / "rhythm").glob("step_*")) == \
+        ["step_0000002", "step_0000004", "step_0000006"]
+    assert "[train] step 6 | step 6/6 (100%)" in log and "samples/s" in log and "ETA" in log
+    assert "[val]   step 4 | PSNR" in log and "best PSNR" in log
+    assert "INFO worker.py" not in log and "Moving model to device" not in log  # Ray's INFO lines: only --verbose

@@ -1,138 +1,209 @@
-"""The ``prouigan`` command: ``prouigan platform up|status|down|env``, ``prouigan config`` and one
-subcommand per pipeline (each also runs as ``python pipelines/<name>.py`` for ``ray job submit``)."""
+"""The ``prouigan`` command: it parses, then hands the arguments to ``prouigan_platform.commands.<name>.run``.
+
+Every command's arguments are declared here, so ``prouigan --help`` and every argument error return at once:
+nothing heavy (torch, Ray, MLflow) is imported before a command actually runs.  Each ``pipelines/<name>.py`` is
+the same command as a script, for ``ray job submit``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
 import sys
 from pathlib import Path
 
-from prouigan_platform.config import ConfigError, load_config
+from prouigan_platform.errors import UserError
 
-# subcommand -> module under pipelines/ (imported only when used, so `prouigan platform` stays fast)
-PIPELINES = {
-    "hello": "pipelines.hello",
-    "synth": "pipelines.synth",
-    "shard": "pipelines.shard",
-    "train": "pipelines.train",
-    "tune": "pipelines.tune",
-    "hallucinate": "pipelines.hallucinate",
-    "evaluate": "pipelines.evaluate",
-    "restore": "pipelines.restore",
-    "retrain": "pipelines.retrain",
+# name -> one-line help; the work of each is prouigan_platform/commands/<name>.py
+COMMANDS = {
+    "platform": "the embedded stack: Ray head and MLflow server on 127.0.0.1 (optional S3 server)",
+    "config": "print the resolved configuration",
+    "demo": "the whole platform on sample faces in minutes: shard, train, register, score vs bicubic",
+    "hello": "smoke-test the stack: a Ray job and an MLflow run with an artifact",
+    "synth": "write procedural sample faces (NAME.png + NAME.pts) for demos and tests",
+    "shard": "ingest faces into versioned WebDataset shards (Ray Data), with quarantine and a manifest",
+    "train": "train Pro-UIGAN with Ray Train (DDP), checkpointing and MLflow tracking",
+    "tune": "search loss weights with Ray Tune + Optuna (TPE) + ASHA; every trial tracked in MLflow",
+    "hallucinate": "16x16 thumbnails in a folder -> 128x128 faces (checkpoint, runs:/ or models:/ URI)",
+    "evaluate": "score a model vs bicubic (fidelity, dlib alignment/identity, landmark regions); --promote: the gate",
+    "restore": "restore the faces in photos (dlib detector, align, hallucinate, paste back with a feathered mask)",
+    "retrain": "scheduled retraining: new faces -> new dataset version -> fine-tune -> evaluate -> gate",
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None,
-                        help="YAML file, or a name in pipelines/configs (e.g. cpu-small)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
-def config_from_args(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML file, or a name in pipelines/configs (e.g. cpu-small)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
 
 
-def _platform_parser(sub) -> None:
-    from prouigan_platform.stack import StackSpec
+def _device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help="cpu, cuda, cuda:N or auto (cuda when there is one)")
 
-    d = StackSpec()
-    p = sub.add_parser("platform", help="the embedded stack: Ray head, MLflow server, S3 server on 127.0.0.1")
+
+def _platform(p) -> None:
     p.add_argument("action", choices=["up", "status", "down", "env"])
     p.add_argument("--state-dir", type=Path, default=None,
                    help="state folder (default .platform or $PROUIGAN_STATE_DIR)")
-    p.add_argument("--s3-port", type=int, default=d.s3_port)
-    p.add_argument("--mlflow-port", type=int, default=d.mlflow_port)
-    p.add_argument("--ray-port", type=int, default=d.ray_port)
-    p.add_argument("--dashboard-port", type=int, default=d.dashboard_port)
-    p.add_argument("--ray-client-port", type=int, default=d.ray_client_port)
-    p.add_argument("--num-cpus", type=int, default=d.ray_num_cpus, help="logical CPUs the Ray head offers")
-    p.add_argument("--object-store-mb", type=int, default=d.object_store_mb)
-    p.add_argument("--bucket", default=d.bucket)
+    p.add_argument("--host", default="127.0.0.1", help="the one address every service binds (default loopback)")
+    p.add_argument("--s3", action="store_true", help="also run an S3-compatible test server (moto; in memory, "
+                                                     "snapshotted at down) and make it the store")
+    p.add_argument("--s3-port", type=int, default=9000)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--ray-port", type=int, default=6379)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--ray-client-port", type=int, default=10001)
+    p.add_argument("--num-cpus", type=positive_int, default=max(4, os.cpu_count() or 1),
+                   help="logical CPUs the Ray head offers (>= 4: train workers plus Ray Data tasks)")
+    p.add_argument("--object-store-mb", type=positive_int, default=1024)
+    p.add_argument("--bucket", default="prouigan")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.add_argument("--force", action="store_true", help="down: stop the S3 server even if its data cannot be saved")
 
 
-def _run_platform(args: argparse.Namespace) -> int:
-    from prouigan_platform import stack
-    from prouigan_platform.runtime import default_state_dir
+def _hello(p) -> None:
+    _config_args(p)
+    p.add_argument("--tasks", type=positive_int, default=8, help="number of Ray tasks to fan out")
 
-    state_dir = args.state_dir or default_state_dir()
-    if args.action == "up":
-        spec = stack.StackSpec(
-            state_dir=state_dir, bucket=args.bucket, s3_port=args.s3_port, mlflow_port=args.mlflow_port,
-            ray_port=args.ray_port, dashboard_port=args.dashboard_port, ray_client_port=args.ray_client_port,
-            ray_num_cpus=args.num_cpus, object_store_mb=args.object_store_mb,
-        )
-        stack.up(spec)
-        return 0
-    if args.action == "down":
-        stack.down(state_dir, force=args.force)
-        return 0
-    if args.action == "env":
-        spec, _ = stack.load_state(state_dir)
-        if spec is None:
-            print(f"prouigan: error: no stack recorded in {state_dir}; run `prouigan platform up`", file=sys.stderr)
-            return 1
-        for k, v in spec.env().items():
-            print(f"export {k}={v}")
-        return 0
-    rows = stack.status(state_dir)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            state = "healthy" if r["healthy"] else ("running, NOT healthy" if r["running"] else "stopped")
-            print(f"{r['service']:7s} {state:22s} pid={r['pid'] or '-':<8} {r['url']}")
-    return 0 if all(r["healthy"] for r in rows) else 1
+
+def _synth(p) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--count", type=positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _shard(p) -> None:
+    _config_args(p)
+    p.add_argument("--local", action="store_true",
+                   help="run Ray Data on a private local Ray instead of RAY_ADDRESS / the embedded stack")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="when another shard run holds the dataset, wait this long for it (default: exit, status 3)")
+
+
+def _train(p) -> None:
+    _config_args(p)
+    p.add_argument("--from-tune", metavar="RUN_ID", default=None,
+                   help="train with the best config of a `prouigan tune` search (its MLflow parent run)")
+
+
+def _tune(p) -> None:
+    _config_args(p)
+    p.add_argument("--output", type=Path, default=None, help="where best.yaml goes (default outputs/tune/NAME/)")
+
+
+def _hallucinate(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint, runs:/ID/model or models:/NAME@ALIAS")
+    p.add_argument("--input", type=Path, required=True, help="a folder of 16x16 PNG/JPEG thumbnails")
+    p.add_argument("--output", type=Path, required=True, help="a folder (created) for the 128x128 PNGs")
+    p.add_argument("--resize", action="store_true", help="resize other sizes to 16x16 instead of failing")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    _device_arg(p)
+
+
+def _evaluate(p) -> None:
+    _config_args(p)
+    p.add_argument("--model", required=True, help="checkpoint, runs:/ID/model, models:/NAME@ALIAS or /VERSION")
+    p.add_argument("--data", default=None,
+                   help="dataset manifest URI (default: train.dataset, else the latest version in data.output)")
+    p.add_argument("--split", default=None, choices=["train", "val", "test"], help="default: eval.split")
+    p.add_argument("--source", default=None, help="score only this source's faces of the split (a mixed version: "
+                                                  "e.g. celeba or faces); default: eval.source, else every face")
+    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--promote", action="store_true", help="move 'champion' here if it beats the champion")
+    _device_arg(p, "cpu")
+
+
+def _restore(p) -> None:
+    p.add_argument("photos", nargs="+", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--model", default="models:/prouigan@champion",
+                   help="checkpoint, runs:/ID/model or models:/NAME@ALIAS (default models:/prouigan@champion)")
+    p.add_argument("--thumbnail", type=Path, default=None,
+                   help="a 16x16 face to use for the first (largest) face instead of the photo's own")
+    p.add_argument("--faces", action="store_true", help="also write each face's thumbnail and result")
+    p.add_argument("--upsample", type=int, default=1, choices=[0, 1, 2, 3],
+                   help="detector upsampling (1: faces from ~40 px)")
+    _device_arg(p, "cpu")
+
+
+ARGUMENTS = {"platform": _platform, "config": _config_args, "demo": lambda p: None, "hello": _hello,
+             "synth": _synth, "shard": _shard, "train": _train, "tune": _tune, "hallucinate": _hallucinate,
+             "evaluate": _evaluate, "restore": _restore, "retrain": _config_args}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (exit 2), pointing at --help instead of printing the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prouigan", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _platform_parser(sub)
-    p = sub.add_parser("config", help="print the resolved configuration")
-    add_config_arguments(p)
-    for name, module in PIPELINES.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(_pipeline=mod)
+    parser = _Parser(prog="prouigan", description=__doc__.split("\n\n")[0],
+                     epilog="`prouigan COMMAND --help` for a command's arguments")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show Ray's own log lines and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, help_ in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        ARGUMENTS[name](p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["PROUIGAN_VERBOSE"] = "1"
     try:
-        if args.command == "platform":
-            return _run_platform(args)
-        if args.command == "config":
-            print(config_from_args(args).to_yaml(), end="")
-            return 0
-        return int(args._pipeline.run(args) or 0)
-    except ConfigError as e:
-        print(f"prouigan: error: {e}", file=sys.stderr)
-        return 2
+        # the command's module imports what its work needs (torch, Ray, MLflow): only now, after parsing
+        command = importlib.import_module(f"prouigan_platform.commands.{args.command}")
+        return int(command.run(args) or 0)
     except KeyboardInterrupt:
         print("prouigan: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # the stack errors and pipeline input errors are meant to be read, not traced
-        from prouigan_platform.stack import StackError
+    except Exception as e:
+        code = _expected(e)
+        if code is None or args.verbose:
+            raise
+        print(f"prouigan {args.command}: error: {_message(e)}", file=sys.stderr)
+        return code
 
-        if isinstance(e, (StackError, FileNotFoundError, PermissionError, RuntimeError)) and not _debug():
-            print(f"prouigan: error: {e}", file=sys.stderr)
-            return 1
-        raise
+
+def _expected(e: Exception) -> int | None:
+    """The exit code of an error meant for the user (one line, no traceback); None for a bug."""
+    # imported only when there is an error: up front they would cost every command its start-up time
+    from prouigan_platform.config import ConfigError
+
+    if isinstance(e, UserError):
+        return e.code
+    if isinstance(e, ConfigError):
+        return 2
+    from prouigan_platform.locks import LockHeld
+
+    if isinstance(e, LockHeld):
+        return 3
+    from prouigan_platform.stack import StackError
+
+    if isinstance(e, (StackError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return 1
+    return None
 
 
-def _debug() -> bool:
-    import os
+def _message(e: Exception) -> str:
+    """One line; a stack failure keeps the log lines it quotes."""
+    from prouigan_platform.stack import StackError  # see _expected
 
-    return os.environ.get("PROUIGAN_DEBUG") == "1"
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, StackError) else " ".join(text.split())
 
 
 def run_as_script(name: str) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from prouigan.presets import generator_config
+from prouigan_platform.paths import expand
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 
@@ -24,17 +28,32 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line."""
 
 
+def _expand(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return expand(value)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+
+
+# a path or URI; ``${PROUIGAN_STORE}`` (the platform's store: local disk, or s3:// when configured) and ``${VAR}``
+# are expanded when the config is loaded, so every Ray worker gets the same absolute location
+PathStr = Annotated[str, AfterValidator(_expand)]
+STORE = "${PROUIGAN_STORE}"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class SourceConfig(_Section):
     kind: Literal["300w", "celeba", "photos", "synthetic"] = "300w"
-    path: str = "../shared/faces"  # folder (300w/celeba/photos); ignored for synthetic
+    path: PathStr = "../shared/faces"  # folder (300w/celeba/photos); ignored for synthetic
     count: int = Field(default=64, ge=1)  # synthetic only: how many faces to draw
     name: str | None = None  # prefix of sample keys; defaults to the folder name
     limit: int | None = Field(default=None, ge=1)  # only the first N inputs in file order (demos, tests, benches)
-    groups: str | None = None  # photos: CSV sidecar `file,group` naming who is in each photo (default groups.csv)
+    groups: PathStr | None = None  # photos: CSV sidecar `file,group` naming who is in each photo (default groups.csv)
     val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # this source's own split sizes
     test_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # (default: data.val/test_fraction)
 
@@ -61,7 +80,7 @@ class DegradationConfig(_Section):
 
 class DataConfig(_Section):
     sources: list[SourceConfig] = [SourceConfig()]
-    output: str = "s3://prouigan/datasets/faces"  # dataset root: local path or s3://bucket/prefix
+    output: PathStr = Field(default=f"{STORE}/datasets/faces", validate_default=True)  # dataset root: path or s3://
     image_size: Literal[128] = 128
     min_native_px: int = Field(default=128, ge=1)  # faces smaller than this natively are quarantined
     shard_max_samples: int = Field(default=256, ge=1)
@@ -98,7 +117,7 @@ class LossConfig(_Section):
     tv: float = Field(default=1e-5, ge=0.0)  # total variation of every stage output
     perceptual: float = Field(default=0.0, ge=0.0)  # VGG feature loss; needs vgg_weights
     style: float = Field(default=0.0, ge=0.0)  # VGG Gram loss; needs vgg_weights
-    vgg_weights: str | None = None  # local path of torchvision vgg19 state_dict; nothing is downloaded
+    vgg_weights: PathStr | None = None  # local path of torchvision vgg19 state_dict; nothing is downloaded
 
 
 class TrainConfig(_Section):
@@ -119,8 +138,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=250, ge=1)
     keep_best: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=0)
-    storage: str = "s3://prouigan/checkpoints"
-    dataset: str | None = None  # manifest URI; defaults to the latest version under data.output
+    storage: PathStr = Field(default=f"{STORE}/checkpoints", validate_default=True)  # checkpoints: path or s3://
+    dataset: PathStr | None = None  # manifest URI; defaults to the latest version under data.output
 
 
 class TrackingConfig(_Section):
@@ -157,7 +176,7 @@ class TuneConfig(_Section):
     grace_period: int = Field(default=1, ge=1)  # validation reports before ASHA may stop a trial
     reduction_factor: int = Field(default=2, ge=2)
     max_concurrent_trials: int | None = Field(default=None, ge=1)  # default: what the cluster's CPUs/GPUs fit
-    study_storage: str | None = None  # Optuna RDB URL; default sqlite in the platform state folder
+    study_storage: PathStr | None = None  # Optuna RDB URL; default sqlite in the platform state folder
 
     @field_validator("space")
     @classmethod
@@ -191,8 +210,12 @@ class EvalConfig(_Section):
         return v
 
 
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class Config(_Section):
-    name: str = "prouigan"  # run / experiment-version name; resume uses it
+    # run / experiment-version name; resume uses it, and it becomes a folder name: letters, digits, . _ -
+    name: str = "prouigan"
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -201,6 +224,14 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not re.match(RUN_NAME, v):
+            raise ValueError("a run name is 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                             "(it becomes a folder and an MLflow tag)")
+        return v
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"train.steps": 2000, ...}``: what MLflow logs as params."""
@@ -241,8 +272,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config 'extends' loop: {' -> '.join(str(p) for p in (*seen, path))}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is YAML)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("extends", None)
@@ -314,7 +349,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if e["type"] == "extra_forbidden":
         msg = _unknown_key_message(dotted)
     else:
-        msg = f"config key '{dotted}': {e['msg']} (got {e.get('input')!r})"
+        msg = f"config key '{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
     more = len(err.errors()) - 1
     return f"{source}: {msg}" + (f" [+{more} more]" if more else "")
 
@@ -329,8 +364,6 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def _check_model_overrides(cfg: Config) -> None:
-    from prouigan.presets import generator_config  # plain-python model library; cheap import
-
     try:
         generator_config(cfg.model.preset, cfg.model.overrides)
     except (KeyError, TypeError, ValueError) as e:
@@ -347,3 +380,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(resolved)
     data = apply_overrides(data, list(overrides or []))
     return validate(data, source)
+
+
+def config_from_args(args) -> Config:
+    """The config a command's ``--config`` and ``KEY=VALUE`` arguments name."""
+    return load_config(args.config, args.overrides)

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from prouigan.degradation import upsample_bicubic
 from prouigan.landmarks import nme as nme_fn
@@ -32,6 +35,9 @@ from prouigan.metrics import masked_psnr, psnr, ssim
 from prouigan.regions import REGIONS, region_masks
 from prouigan_platform.config import DataConfig
 from prouigan_platform.dataset import manifest as mf
+from prouigan_platform.dataset.labeler import DlibMissing, describe, face_box
+from prouigan_platform.dataset.reader import FaceShards
+from prouigan_platform.progress import Progress
 
 MATCH_THRESHOLD = 0.6  # dlib's documented same-person distance
 # metric -> which way is better
@@ -67,10 +73,6 @@ def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | Non
                source: str | None = None) -> SplitData:
     """Every face of ``split`` (of one ``source`` when given; or the first ``limit``: then the evaluation is
     partial and never gates)."""
-    from torch.utils.data import DataLoader
-
-    from prouigan_platform.dataset.reader import FaceShards
-
     m = mf.load(manifest_uri)
     expected = mf.split_count(m, split, source)
     if expected == 0:
@@ -94,26 +96,36 @@ def to_u8(x: torch.Tensor) -> np.ndarray:
 class DlibScorer:
     """dlib's references on the original faces, computed once: detector box and identity embedding."""
 
-    def __init__(self, data: SplitData):
-        from prouigan_platform.dataset.labeler import describe, face_box
-
+    def __init__(self, data: SplitData, progress_every: float | None = 15.0):
         self._describe = describe
+        self.progress_every = progress_every
         hr = to_u8(data.hr)
         gt = data.landmarks.numpy()
-        self.boxes = [face_box(img, gt[i] if data.has_landmarks[i] else None) for i, img in enumerate(hr)]
-        self.refs = [describe(img, box)[1] if box else None for img, box in zip(hr, self.boxes, strict=True)]
+        bar = self._bar("dlib on the originals", len(hr))
+        self.boxes, self.refs = [], []
+        for i, img in enumerate(hr):
+            box = face_box(img, gt[i] if data.has_landmarks[i] else None)
+            self.boxes.append(box)
+            self.refs.append(describe(img, box)[1] if box else None)
+            if bar:
+                bar.update()
         self.gt, self.has = data.landmarks, data.has_landmarks
 
-    def score(self, out: torch.Tensor) -> dict[str, np.ndarray]:
+    def _bar(self, what: str, n: int):
+        return Progress(f"evaluate: {what}", n, "faces", every=self.progress_every) if self.progress_every else None
+
+    def score(self, out: torch.Tensor, name: str = "") -> dict[str, np.ndarray]:
         n = len(out)
         nme, dist = np.full(n, np.nan), np.full(n, np.nan)
+        bar = self._bar(f"dlib on {name or 'the outputs'}", n)
         for i, img in enumerate(to_u8(out)):
-            if self.boxes[i] is None:
-                continue
-            pts, emb = self._describe(img, self.boxes[i])
-            if self.has[i]:
-                nme[i] = float(nme_fn(torch.from_numpy(pts)[None], self.gt[i][None])[0])
-            dist[i] = float(np.linalg.norm(emb - self.refs[i]))
+            if self.boxes[i] is not None:
+                pts, emb = self._describe(img, self.boxes[i])
+                if self.has[i]:
+                    nme[i] = float(nme_fn(torch.from_numpy(pts)[None], self.gt[i][None])[0])
+                dist[i] = float(np.linalg.norm(emb - self.refs[i]))
+            if bar:
+                bar.update()
         return {"nme": nme, "identity_distance": dist}
 
 
@@ -178,8 +190,6 @@ def evaluate(models: dict, data: SplitData, use_dlib: bool = True, heatmap_sigma
     skipped: dict[str, str] = {}
     scorer = None
     if use_dlib:
-        from prouigan_platform.dataset.labeler import DlibMissing
-
         try:
             scorer = DlibScorer(data)
         except DlibMissing as e:
@@ -202,7 +212,7 @@ def evaluate(models: dict, data: SplitData, use_dlib: bool = True, heatmap_sigma
             err = nme_fn(soft_argmax(priors[name], heatmap_sigma), data.landmarks).numpy().astype(np.float64)
             pf["prior_nme"] = np.where(has, err, np.nan)
         if scorer is not None:
-            pf.update(scorer.score(out))
+            pf.update(scorer.score(out, name))
         m.per_face = pf
         m.summary = _summarise(pf)
         if progress:
@@ -227,20 +237,26 @@ def _summarise(pf: dict[str, np.ndarray]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- reports
 
+def comparison_grid(lr: torch.Tensor, outputs: list[torch.Tensor], hr: torch.Tensor) -> np.ndarray:
+    """(H, W, 3) uint8: one row per face, columns  input (nearest x8) | each output (any size, nearest to HR's) |
+    original."""
+    up = lambda x: F.interpolate(x.float(), size=hr.shape[-1], mode="nearest")  # noqa: E731
+    cols = [up(lr), *[up(o) for o in outputs], hr.float()]
+    rows = [torch.cat([c[i] for c in cols], dim=2) for i in range(len(hr))]
+    return to_u8(torch.cat(rows, dim=1)[None])[0]
+
+
 def case_grid(ev: Evaluation, model: str, cases: int = 4) -> tuple[np.ndarray, list[tuple[str, str, float]]]:
     """Best and worst ``cases`` faces by the model's PSNR: rows of input | bicubic | model stages | original."""
-    import torch.nn.functional as F
-
     d = ev.data
     p = ev.methods[model].per_face["psnr"]
     order = np.argsort(-p)
     k = min(cases, max(1, len(order) // 2))
     pick = list(order[:k]) + [i for i in order[::-1][:k] if i not in order[:k]]
-    up = lambda x: F.interpolate(x, size=d.hr.shape[-1], mode="nearest")  # noqa: E731
-    cols = [up(d.lr), ev.methods[BICUBIC].final] + [up(s) for s in ev.methods[model].stages] + [d.hr]
-    rows = [torch.cat([c[i] for c in cols], dim=2) for i in pick]
+    grid = comparison_grid(d.lr[pick], [ev.methods[BICUBIC].final[pick], *[s[pick] for s in ev.methods[model].stages]],
+                           d.hr[pick])
     labels = [("best" if j < k else "worst", d.keys[i], float(p[i])) for j, i in enumerate(pick)]
-    return to_u8(torch.cat(rows, dim=1)[None])[0], labels
+    return grid, labels
 
 
 def _fmt(v: float | None, metric: str) -> str:
@@ -258,8 +274,6 @@ def table_rows(ev: Evaluation) -> tuple[list[str], list[list[str]]]:
 
 def write_report(ev: Evaluation, out_dir: Path, model: str, title: str, cases: int = 4) -> dict[str, Path]:
     """metrics.json, report.md, report.html and cases.png (best and worst faces) in ``out_dir``."""
-    from PIL import Image
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics": out_dir / "metrics.json", "markdown": out_dir / "report.md",
              "html": out_dir / "report.html", "grid": out_dir / "cases.png"}

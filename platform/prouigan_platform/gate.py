@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import mlflow
 
 from prouigan_platform.evaluation import METRICS
+from prouigan_platform.registry import alias_version
 
 CHAMPION = "champion"
 
@@ -82,8 +83,6 @@ def record_failure(name: str, version: str, error: BaseException, context: dict[
 
 def move_champion(name: str, version: str, expected: str | None, lock=None) -> tuple[bool, str]:
     """Point ``champion`` at ``version`` if it still points at ``expected`` (None: no champion yet)."""
-    from prouigan_platform.registry import alias_version
-
     with lock or nullcontext():
         now = alias_version(name, CHAMPION)
         now_v = now.version if now else None

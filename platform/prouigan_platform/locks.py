@@ -1,9 +1,11 @@
 """An exclusive lock shared by every machine that sees the same bucket (or the same local folder).
 
 The lock is an object created only if it does not exist: S3 ``PutObject`` with ``If-None-Match: *`` (atomic on
-AWS S3 and the embedded S3 server), ``O_CREAT | O_EXCL`` on a local path.  It holds who took it and until when
-(a lease): a holder that died leaves a lock that the next taker removes once the lease has run out (on S3 with
-``If-Match`` on the stale object's ETag, so two takers cannot both remove it and both take it).
+AWS S3 and the embedded S3 server), ``O_CREAT | O_EXCL`` on a local path.  It records who holds it, a random
+owner token and until when (a lease).  While the holder works, a heartbeat thread extends the lease; a holder
+that died stops renewing, and the next taker removes the lock once its lease has run out (on S3 with
+``If-Match`` on the stale object's ETag, so two takers cannot both remove it and both take it).  Only the
+owner (same token) renews or releases: a holder whose lease was taken over never deletes the new holder's lock.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from pathlib import Path
+
+from botocore.exceptions import ClientError
 
 from prouigan_platform import storage
 
@@ -22,44 +28,37 @@ class LockHeld(RuntimeError):
 
 
 class Lock:
-    """``with Lock(uri):`` takes it (waiting up to ``wait_s``) or raises ``LockHeld`` naming the holder."""
+    """``with Lock(uri):`` takes it (waiting up to ``wait_s``) or raises ``LockHeld`` naming the holder.
+    While held, a heartbeat renews the lease every ``lease_s / 3`` seconds."""
 
-    def __init__(self, uri: str, lease_s: float = 6 * 3600, purpose: str = "", wait_s: float = 0.0):
+    def __init__(self, uri: str, lease_s: float = 600.0, purpose: str = "", wait_s: float = 0.0,
+                 heartbeat: bool = True):
         self.uri, self.lease_s, self.purpose, self.wait_s = uri, lease_s, purpose, wait_s
+        self.token = uuid.uuid4().hex
         self.held = False
+        self.taken = 0.0
+        self.heartbeat = heartbeat
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # set when a renewal found the lock no longer ours
 
     def _body(self) -> bytes:
+        now = time.time()
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "purpose": self.purpose,
-                           "taken": time.time(), "expires": time.time() + self.lease_s}).encode()
+                           "token": self.token, "taken": self.taken or now, "renewed": now,
+                           "expires": now + self.lease_s}).encode()
 
     def _try_create(self) -> bool:
-        if storage.is_s3(self.uri):
-            from botocore.exceptions import ClientError
-
-            bucket, key = storage.split_s3(self.uri)
-            try:
-                storage.boto3_client().put_object(Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")
-                return True
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    return False
-                raise
-        p = Path(self.uri)
-        p.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            storage.create_exclusive(self.uri, self._body())
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._body())
-        return True
 
     def holder(self) -> dict | None:
         """The current holder's record (with ``_etag`` on S3), or None when the lock is free."""
         try:
             if storage.is_s3(self.uri):
-                from botocore.exceptions import ClientError
-
                 bucket, key = storage.split_s3(self.uri)
                 try:
                     r = storage.boto3_client().get_object(Bucket=bucket, Key=key)
@@ -76,46 +75,83 @@ class Lock:
         """Who holds the lock, in words (for messages)."""
         rec = self.holder() or {}
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("taken", 0)))
-        return f"{self.uri} is held by {rec.get('host')} pid {rec.get('pid')} ({rec.get('purpose')}) since {since}"
+        left = rec.get("expires", 0) - time.time()
+        return (f"{self.uri} is held by {rec.get('host')} pid {rec.get('pid')} ({rec.get('purpose')}) since {since}"
+                f"; its lease {'runs out in ' + str(int(left)) + ' s' if left > 0 else 'has run out'}")
 
-    def _remove_stale(self, rec: dict) -> None:
+    def _delete_if(self, rec: dict) -> None:
+        """Delete the lock object if it is still exactly ``rec`` (same ETag on S3, same token locally)."""
         if storage.is_s3(self.uri):
-            from botocore.exceptions import ClientError
-
             bucket, key = storage.split_s3(self.uri)
             try:
                 storage.boto3_client().delete_object(Bucket=bucket, Key=key, IfMatch=rec["_etag"])
             except ClientError:
                 pass  # someone else removed or replaced it first
-        else:
-            try:
-                if json.loads(Path(self.uri).read_bytes()).get("taken") == rec.get("taken"):
-                    Path(self.uri).unlink()
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+            return
+        try:
+            if json.loads(Path(self.uri).read_bytes()).get("token") == rec.get("token"):
+                Path(self.uri).unlink()
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 1.0) -> bool:
         deadline = time.time() + wait_s
         while True:
+            self.taken = time.time()
             if self._try_create():
-                self.held = True
+                self.held, self.lost = True, None
+                if self.heartbeat:
+                    self._start_heartbeat()
                 return True
             rec = self.holder()
             if rec is not None and rec.get("expires", 0) < time.time():
-                self._remove_stale(rec)
+                self._delete_if(rec)  # the holder died (its heartbeat stopped): take over
                 continue
             if time.time() >= deadline:
                 return False
             time.sleep(poll_s)
 
-    def release(self) -> None:
-        if not self.held:
-            return
+    def renew(self) -> bool:
+        """Extend the lease if the lock is still ours; False (and ``lost`` set) when it is not."""
+        rec = self.holder()
+        if rec is None or rec.get("token") != self.token:
+            self.lost = f"the lock was taken over: {self.held_by()}" if rec else "the lock object disappeared"
+            return False
         if storage.is_s3(self.uri):
             bucket, key = storage.split_s3(self.uri)
-            storage.boto3_client().delete_object(Bucket=bucket, Key=key)
+            try:
+                storage.boto3_client().put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=rec["_etag"])
+            except ClientError as e:
+                self.lost = f"renewal refused ({e.response.get('Error', {}).get('Code')})"
+                return False
         else:
-            Path(self.uri).unlink(missing_ok=True)
+            storage.write_bytes_atomic(self.uri, self._body())
+        return True
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+
+        def beat() -> None:
+            while not self._stop.wait(max(0.05, self.lease_s / 3)):
+                try:
+                    if not self.renew():
+                        return
+                except Exception:  # a storage hiccup: try again at the next beat, the lease covers two misses
+                    continue
+
+        self._thread = threading.Thread(target=beat, name=f"lease:{self.uri}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock, only if it is still ours."""
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        rec = self.holder()
+        if rec is not None and rec.get("token") == self.token:
+            self._delete_if(rec)
         self.held = False
 
     def __enter__(self) -> Lock:
@@ -136,5 +172,10 @@ def lock_root(cfg) -> str:
 
 def registry_lock(cfg, model_name: str) -> Lock:
     """Held for the short read-compare-move of the champion alias (waits up to 5 minutes)."""
-    return Lock(storage.join(lock_root(cfg), f"registry-{model_name}.lock"), lease_s=600,
+    return Lock(storage.join(lock_root(cfg), f"registry-{model_name}.lock"), lease_s=120,
                 purpose=f"move {model_name}@champion", wait_s=300)
+
+
+def dataset_lock(root: str, wait_s: float = 0.0) -> Lock:
+    """Held by one `prouigan shard` (or retrain's sharding step) at a time per dataset root."""
+    return Lock(storage.join(root, "locks", "shard.lock"), lease_s=120, purpose=f"shard into {root}", wait_s=wait_s)

@@ -12,16 +12,21 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from prouigan.inference import Hallucinator
+from prouigan_platform.errors import UserError
 
 SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 16, 16, 3))]),
                            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 128, 128, 3))]))
 
 
 class ProUIGANModel(mlflow.pyfunc.PythonModel):
+    # the input is a uint8 array checked by ``predict`` itself (and by SIGNATURE): no type-hint wrapping
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.hallucinator = Hallucinator.load(context.artifacts["generator"], device=device)
@@ -56,17 +61,39 @@ def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias:
     return version
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; ``cuda`` without one is a UserError, not a crash later."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu", code=2)
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device {device}: expected cpu, cuda, cuda:N or auto", code=2)
+    return device
+
+
 def resolve_model(model: str, device: str = "cpu") -> Hallucinator:
-    """A checkpoint path (local), a ``runs:/`` or ``models:/name@alias`` URI -> Hallucinator."""
+    """A checkpoint path (local), a ``runs:/`` or ``models:/name@alias`` URI -> Hallucinator.
+    A model that does not exist or is not a generator checkpoint is a UserError naming it."""
     if model.startswith(("runs:/", "models:/")):
-        path = mlflow.artifacts.download_artifacts(artifact_uri=model.rstrip("/") + "/artifacts/generator.pt")
-        return Hallucinator.load(path, device)
-    p = Path(model)
-    if p.is_dir():
-        p = p / "state.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"model not found: {model} (a checkpoint file or folder, runs:/... or models:/...)")
-    return Hallucinator.load(p, device)
+        try:
+            if model.startswith("models:/"):
+                registered_version(model)  # a missing name, version or alias: one clear line
+            path = mlflow.artifacts.download_artifacts(artifact_uri=model.rstrip("/") + "/artifacts/generator.pt")
+        except MlflowException as e:
+            raise UserError(f"model {model} not found in the registry: {e.message.splitlines()[0]}") from None
+        p = Path(path)
+    else:
+        p = Path(model)
+        if p.is_dir():
+            p = p / "state.pt"
+        if not p.is_file():
+            raise UserError(f"model not found: {model} (a checkpoint file or folder, runs:/... or models:/...)")
+    try:
+        return Hallucinator.load(p, device)
+    except Exception as e:  # a text file, a foreign pickle, a truncated download
+        raise UserError(f"{model} is not a Pro-UIGAN generator checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def registered_version(model: str):
@@ -75,19 +102,22 @@ def registered_version(model: str):
         return None
     ref = model[len("models:/"):].rstrip("/")
     client = mlflow.MlflowClient()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
     name, _, version = ref.partition("/")
-    if not version.isdigit():
-        raise ValueError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model}")
-    return client.get_model_version(name, version)
+    if "@" not in ref and not version.isdigit():
+        raise UserError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model}", code=2)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise UserError(f"{model} is not in the registry ({e.message.splitlines()[0][:200]})") from None
+        raise
 
 
 def alias_version(name: str, alias: str):
     """The version ``alias`` points at, or None when the alias (or the model) does not exist."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as e:

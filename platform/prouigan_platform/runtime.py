@@ -1,17 +1,25 @@
-"""Finding the stack: environment first (RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, ...), else the
-embedded stack recorded in the state folder by ``prouigan platform up``.  Connecting to Ray."""
+"""Finding the stack: environment first (RAY_ADDRESS, MLFLOW_TRACKING_URI, PROUIGAN_STORE, ...), else the embedded
+stack recorded in the state folder by ``prouigan platform up``.  Connecting to Ray, quietly unless --verbose."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 from prouigan_platform import stack
+from prouigan_platform.paths import state_dir as default_state_dir
+
+# what every Ray worker needs to reach the same services and store as the driver
+FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ENDPOINT_URL",
+             "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+             "PROUIGAN_STORE", "PROUIGAN_STATE_DIR", "PROUIGAN_VERBOSE",
+             "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 
 
-def default_state_dir() -> Path:
-    return Path(os.environ.get("PROUIGAN_STATE_DIR", ".platform"))
+def verbose() -> bool:
+    return os.environ.get("PROUIGAN_VERBOSE") == "1"
 
 
 def use_embedded_stack(state_dir: Path | None = None, quiet: bool = False) -> bool:
@@ -24,7 +32,7 @@ def use_embedded_stack(state_dir: Path | None = None, quiet: bool = False) -> bo
         return False
     state_dir = Path(state_dir or default_state_dir())
     spec, services = stack.load_state(state_dir)
-    if spec is None or not any(stack._alive(r) for r in services.values()):
+    if spec is None or not any(stack.alive(r) for r in services.values()):
         return False
     for k, v in spec.env().items():
         os.environ.setdefault(k, v)
@@ -43,21 +51,36 @@ def require_env(*names: str) -> None:
         )
 
 
-def init_ray(**kwargs):
-    """Connect to RAY_ADDRESS (or start a local Ray when it is unset), passing the stack's environment to
-    every worker so they reach the same MLflow server and S3 endpoint."""
-    import ray
+def init_ray(local: bool = False, **kwargs):
+    """Connect to RAY_ADDRESS (or start a private local Ray when it is unset or ``local``), passing the stack's
+    environment to every worker so they reach the same MLflow server and store.  Ray's own INFO lines are
+    silenced unless --verbose; what our code prints on workers still reaches this console."""
+    import ray  # here, not at the top: commands that only find the stack (evaluate, hallucinate) never load Ray
+
+    from prouigan_platform.ray_node import keep_node_address
 
     if ray.is_initialized():
         return ray
-    env_vars = {k: os.environ[k] for k in (*stack.StackSpec().env(), "PROUIGAN_STATE_DIR") if k in os.environ}
+    keep_node_address()  # connect to 127.0.0.1 as given: the stack's Ray listens on loopback only
+    level = "INFO" if verbose() else "WARNING"
+    if not verbose():
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    env_vars = {k: os.environ[k] for k in FORWARDED if k in os.environ}
     runtime_env = kwargs.pop("runtime_env", {}) or {}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
         runtime_env.setdefault("env_vars", {}).update(env_vars)
     # else: a driver started by `ray job submit`: the job's runtime env (working_dir, env_vars) already reaches
     # every worker, and Ray refuses a driver runtime env that repeats its keys
-    # without RAY_ADDRESS: a fresh local Ray, never whatever /tmp/ray says was last started here (after a
-    # reboot that record points at a dead cluster and ray.init would wait on it for minutes)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=runtime_env,
-             log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
+    if local or not os.environ.get("RAY_ADDRESS"):
+        # a fresh private Ray, never whatever /tmp/ray says was last started here (after a reboot that record
+        # points at a dead cluster and ray.init would wait on it for minutes); >= 4 slots, see stack.py
+        kwargs = {"address": "local", "num_cpus": max(4, os.cpu_count() or 1), "include_dashboard": False,
+                  "_node_ip_address": "127.0.0.1", **kwargs}
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance of this process
+    else:
+        kwargs = {"address": os.environ["RAY_ADDRESS"], **kwargs}
+    ray.init(runtime_env=runtime_env, log_to_driver=kwargs.pop("log_to_driver", True),
+             logging_level=logging.INFO if verbose() else logging.WARNING,
+             logging_config=ray.LoggingConfig(log_level=level), **kwargs)
     return ray

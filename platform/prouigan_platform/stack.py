@@ -1,19 +1,26 @@
-"""The embedded platform stack: a Ray head, an MLflow tracking server and an S3-compatible server,
-all real processes on 127.0.0.1, with their state in one folder (default ``.platform/``).
+"""The embedded platform stack: a Ray head and an MLflow tracking server (and, with ``--s3``, an S3-compatible
+test server), real processes on 127.0.0.1, with their state in one folder (default ``.platform/``).
 
-``up`` is idempotent and waits for health checks; ``down`` stops exactly the process trees it started
-(by PID, recorded in ``stack.json``) and keeps the data.  The S3 server (moto) holds objects in memory,
-so ``down`` snapshots every bucket to ``<state>/s3/`` and ``up`` restores it: object data survives
-``down`` + ``up`` but not a crash of the S3 process (see README).
+Private by default: every socket of every process the stack starts binds ``host`` (127.0.0.1), and Ray runs with
+token authentication (the token in ``<state>/ray_auth_token``, mode 0600; ``prouigan platform env`` points clients
+at it).  Durable by default: datasets, checkpoints and MLflow artifacts live in the store, local disk under
+``<state>/store`` (``paths.py``), and MLflow's registry in sqlite: a write that returned survives a kill -9 of
+any service.  The optional S3 server (moto) holds objects in memory: ``down`` snapshots its buckets to
+``<state>/s3/`` and ``up`` restores them, and an ``up`` after an unclean stop says what was lost.
+
+``up`` is idempotent and waits for health checks; ``down`` stops exactly the process trees it started (by PID,
+recorded in ``stack.json``) and keeps the data.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -34,9 +41,15 @@ class StackError(RuntimeError):
     """A stack operation failed; the message says which service and why."""
 
 
+class StackCorrupt(StackError):
+    """The state folder's record of the stack cannot be read."""
+
+
 @dataclass
 class StackSpec:
     state_dir: Path = Path(".platform")
+    host: str = LOOPBACK  # every service binds this address only
+    s3: bool = False  # also run the S3 test server, and make s3://bucket the store
     bucket: str = "prouigan"
     s3_port: int = 9000
     mlflow_port: int = 5000
@@ -47,21 +60,38 @@ class StackSpec:
     object_store_mb: int = 1024
     timeout_s: float = 90.0
 
+    @classmethod
+    def on_free_ports(cls, state_dir: Path, **kw) -> StackSpec:
+        """A stack beside the default one (tests, benchmarks): every port a free one."""
+        ports = {f"{n}_port": free_port() for n in ("s3", "mlflow", "ray", "dashboard", "ray_client")}
+        return cls(state_dir=Path(state_dir), **{**ports, **kw})
+
     @property
     def s3_endpoint(self) -> str:
-        return f"http://{LOOPBACK}:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
     @property
     def mlflow_uri(self) -> str:
-        return f"http://{LOOPBACK}:{self.mlflow_port}"
+        return f"http://{self.host}:{self.mlflow_port}"
 
     @property
     def ray_address(self) -> str:
-        return f"{LOOPBACK}:{self.ray_port}"
+        return f"{self.host}:{self.ray_port}"
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.dashboard_port}"
+        return f"http://{self.host}:{self.dashboard_port}"
+
+    @property
+    def token_file(self) -> Path:
+        return Path(self.state_dir) / "ray_auth_token"
+
+    @property
+    def store(self) -> str:
+        return f"s3://{self.bucket}" if self.s3 else str(Path(self.state_dir).resolve() / "store")
+
+    def services(self) -> tuple[str, ...]:
+        return tuple(n for n in SERVICES if n != "s3" or self.s3)
 
     def ports(self) -> dict[str, list[int]]:
         return {
@@ -71,19 +101,26 @@ class StackSpec:
         }
 
     def env(self) -> dict[str, str]:
-        """What a pipeline (or a Ray worker) needs to find this stack."""
-        return {
+        """What a pipeline (or a Ray worker) needs to find this stack; never a secret itself (the Ray token stays
+        in its file, named by RAY_AUTH_TOKEN_PATH)."""
+        env = {
             "RAY_ADDRESS": self.ray_address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_file.resolve()),
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
-            "AWS_ENDPOINT_URL": self.s3_endpoint,
-            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-            "AWS_DEFAULT_REGION": S3_REGION,
-            "PROUIGAN_BUCKET": self.bucket,
-            # Loopback-only stack: Ray's token auth is off deliberately (README, "Security").
-            "RAY_AUTH_MODE": "disabled",
+            "PROUIGAN_STORE": self.store,
+            "PROUIGAN_STATE_DIR": str(Path(self.state_dir).resolve()),
         }
+        if self.s3:
+            env.update({
+                "AWS_ENDPOINT_URL": self.s3_endpoint,
+                "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+                "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+                "AWS_DEFAULT_REGION": S3_REGION,
+                "PROUIGAN_BUCKET": self.bucket,
+            })
+        return env
 
 
 @dataclass
@@ -104,10 +141,16 @@ def load_state(state_dir: Path) -> tuple[StackSpec | None, dict[str, ServiceReco
     path = Path(state_dir) / "stack.json"
     if not path.exists():
         return None, {}
-    raw = json.loads(path.read_text())
-    spec_d = raw["spec"]
-    spec_d["state_dir"] = Path(spec_d["state_dir"])
-    return StackSpec(**spec_d), {k: ServiceRecord(**v) for k, v in raw["services"].items()}
+    try:
+        raw = json.loads(path.read_text())
+        spec_d = raw["spec"]
+        spec_d["state_dir"] = Path(spec_d["state_dir"])
+        spec_d.setdefault("s3", True)  # a record from before the S3 server became optional: it always ran one
+        return StackSpec(**spec_d), {k: ServiceRecord(**v) for k, v in raw["services"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise StackCorrupt(f"{path} is not a stack record this version can read ({type(e).__name__}: {e}); "
+                           f"stop any stack processes by hand (ps aux | grep -E 'ray|mlflow|moto'), then move the "
+                           f"file away and run `prouigan platform up`") from None
 
 
 def _save_state(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
@@ -120,7 +163,7 @@ def _save_state(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
     (spec.state_dir / "env.sh").write_text("\n".join(env_lines) + "\n")
 
 
-def _alive(rec: ServiceRecord) -> psutil.Process | None:
+def alive(rec: ServiceRecord) -> psutil.Process | None:
     """The recorded process, if it still runs (same PID *and* start time, so a reused PID is not ours)."""
     try:
         p = psutil.Process(rec.pid)
@@ -131,11 +174,11 @@ def _alive(rec: ServiceRecord) -> psutil.Process | None:
     return None
 
 
-def port_in_use(port: int) -> bool:
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((LOOPBACK, port))
+            s.bind((host, port))
         except OSError:
             return True
     return False
@@ -147,9 +190,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def _http_ok(url: str, timeout: float = 2.0, token: str = "") -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return 200 <= r.status < 300
     except Exception:
         return False
@@ -169,24 +213,36 @@ def _bin(name: str) -> str:
 def _command(name: str, spec: StackSpec) -> list[str]:
     state = spec.state_dir.resolve()
     if name == "s3":
-        return [_bin("moto_server"), "-H", LOOPBACK, "-p", str(spec.s3_port)]
+        return [_bin("moto_server"), "-H", spec.host, "-p", str(spec.s3_port)]
     if name == "mlflow":
+        artifacts = f"s3://{spec.bucket}/mlflow-artifacts" if spec.s3 else str(Path(spec.store) / "mlflow-artifacts")
         return [
             _bin("mlflow"), "server",
             "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{spec.bucket}/mlflow-artifacts",
-            "--host", LOOPBACK, "--port", str(spec.mlflow_port), "--workers", "1",
+            "--artifacts-destination", artifacts,
+            "--host", spec.host, "--port", str(spec.mlflow_port), "--workers", "1",
         ]
     if name == "ray":
         return [
-            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-            f"--node-ip-address={LOOPBACK}", f"--port={spec.ray_port}",
-            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={spec.dashboard_port}",
+            sys.executable, "-m", "prouigan_platform.ray_node", "start", "--head", "--block", "--disable-usage-stats",
+            f"--node-ip-address={spec.host}", f"--port={spec.ray_port}",
+            "--include-dashboard=true", f"--dashboard-host={spec.host}", f"--dashboard-port={spec.dashboard_port}",
             f"--ray-client-server-port={spec.ray_client_port}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--num-cpus={spec.ray_num_cpus}", f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
         ]
     raise KeyError(name)
+
+
+def _ray_token(spec: StackSpec) -> str:
+    """The stack's Ray token, made once (0600) in the state folder."""
+    path = spec.token_file
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path.read_text().strip()
 
 
 def _healthy(name: str, spec: StackSpec) -> bool:
@@ -195,20 +251,24 @@ def _healthy(name: str, spec: StackSpec) -> bool:
     if name == "mlflow":
         return _http_ok(f"{spec.mlflow_uri}/health")
     if name == "ray":
-        return _http_ok(f"{spec.dashboard_url}/api/version") and _http_ok(f"{spec.dashboard_url}/api/gcs_healthz")
+        token = spec.token_file.read_text().strip() if spec.token_file.exists() else ""
+        return _http_ok(f"{spec.dashboard_url}/api/gcs_healthz", token=token)
     raise KeyError(name)
 
 
 def _urls(spec: StackSpec) -> dict[str, str]:
-    return {
-        "ray": f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address})",
+    urls = {
+        "ray": f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address}; token in {spec.token_file})",
         "mlflow": spec.mlflow_uri,
-        "s3": f"{spec.s3_endpoint}  (bucket s3://{spec.bucket})",
+        "store": spec.store,
     }
+    if spec.s3:
+        urls["s3"] = f"{spec.s3_endpoint}  (bucket s3://{spec.bucket}, in memory: snapshotted at down)"
+    return urls
 
 
 def _s3_client(spec: StackSpec):
-    import boto3
+    import boto3  # the optional S3 test server only
 
     return boto3.client(
         "s3", endpoint_url=spec.s3_endpoint, aws_access_key_id=S3_ACCESS_KEY,
@@ -255,32 +315,58 @@ def _s3_snapshot(spec: StackSpec, log) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if snap.exists():
         snap.rename(old)
+    (tmp / ".snapshot.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "objects": n}))
     tmp.rename(snap)
     shutil.rmtree(old, ignore_errors=True)
     log(f"s3: saved {n} objects to {snap}")
+
+
+def _report_unclean_stop(spec: StackSpec, dead: list[str], log) -> None:
+    """Say what an up after a crash, a kill or a reboot finds; nothing is rolled back without saying so."""
+    log(f"stack: found {', '.join(dead)} not stopped by `down` (recorded as running, but gone: a crash, a kill or a "
+        "reboot)")
+    db = spec.state_dir / "mlflow" / "mlflow.db"
+    if "mlflow" in dead and db.exists():
+        with sqlite3.connect(db) as con:
+            check = con.execute("PRAGMA integrity_check").fetchone()[0]
+        log(f"mlflow: its database {db}: integrity check {check}; every committed run and model version is kept")
+    if not spec.s3:
+        log(f"store: local disk ({spec.store}): every write that returned is on disk; nothing to restore")
+    if "s3" in dead:
+        snap = spec.state_dir / "s3"
+        stamp = snap / ".snapshot.json"
+        when = json.loads(stamp.read_text())["time"] if stamp.exists() else "never"
+        log(f"s3: WARNING the in-memory S3 test server was not stopped by `down`: objects written to it after its "
+            f"last snapshot ({when}) are LOST; restoring that snapshot")
 
 
 def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     """Start whatever of the stack is not running; wait until all of it is healthy."""
     spec.state_dir = Path(spec.state_dir).resolve()
     old_spec, services = load_state(spec.state_dir)
-    if old_spec is not None and any(_alive(r) for r in services.values()):
+    if old_spec is not None and any(alive(r) for r in services.values()):
         if asdict(old_spec) != asdict(spec):
             log(f"stack in {spec.state_dir} is already running with its recorded settings; using those")
         spec = old_spec
+    dead = [n for n, r in services.items() if alive(r) is None]
     for sub in ("logs", "mlflow"):
         (spec.state_dir / sub).mkdir(parents=True, exist_ok=True)
+    if not spec.s3:
+        Path(spec.store).mkdir(parents=True, exist_ok=True)
+    if dead:
+        _report_unclean_stop(spec, dead, log)
+    _ray_token(spec)
     env = {**os.environ, **spec.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
-    for name in SERVICES:
+    for name in spec.services():
         rec = services.get(name)
-        if rec is not None and _alive(rec):
+        if rec is not None and alive(rec):
             _wait_healthy(name, spec, rec)
             log(f"{name}: already running (pid {rec.pid})")
             continue
-        busy = [p for p in spec.ports()[name] if port_in_use(p)]
+        busy = [p for p in spec.ports()[name] if port_in_use(p, spec.host)]
         if busy:
             raise StackError(
-                f"{name}: port {busy[0]} on {LOOPBACK} is already in use by another program; "
+                f"{name}: port {busy[0]} on {spec.host} is already in use by another program; "
                 f"free it or choose another port (prouigan platform up --{name}-port N)"
             )
         cmd = _command(name, spec)
@@ -311,7 +397,7 @@ def _wait_healthy(name: str, spec: StackSpec, rec: ServiceRecord) -> None:
     while time.monotonic() < deadline:
         if _healthy(name, spec):
             return
-        if _alive(rec) is None:
+        if alive(rec) is None:
             tail = Path(rec.log).read_text(errors="replace").strip().splitlines()[-5:]
             raise StackError(f"{name}: exited during start-up; last log lines:\n  " + "\n  ".join(tail))
         time.sleep(0.5)
@@ -321,14 +407,14 @@ def _wait_healthy(name: str, spec: StackSpec, rec: ServiceRecord) -> None:
 def status(state_dir: Path) -> list[dict]:
     spec, services = load_state(Path(state_dir))
     rows = []
-    for name in SERVICES:
+    for name in (spec.services() if spec else SERVICES):
         rec = services.get(name)
-        alive = rec is not None and _alive(rec) is not None
+        running = rec is not None and alive(rec) is not None
         rows.append({
             "service": name,
             "pid": rec.pid if rec else None,
-            "running": alive,
-            "healthy": bool(alive and spec is not None and _healthy(name, spec)),
+            "running": running,
+            "healthy": bool(running and spec is not None and _healthy(name, spec)),
             "url": _urls(spec)[name] if spec else "",
         })
     return rows
@@ -339,7 +425,7 @@ def stack_pids(state_dir: Path) -> set[int]:
     _, services = load_state(Path(state_dir))
     pids: set[int] = set()
     for rec in services.values():
-        p = _alive(rec)
+        p = alive(rec)
         if p is not None:
             pids.add(p.pid)
             pids.update(c.pid for c in p.children(recursive=True))
@@ -352,9 +438,9 @@ def down(state_dir: Path, log=print, timeout_s: float = 30.0, force: bool = Fals
     if spec is None:
         log(f"no stack recorded in {state_dir}")
         return
-    for name in reversed(SERVICES):
+    for name in reversed([n for n in SERVICES if n in services or n in spec.services()]):
         rec = services.get(name)
-        proc = _alive(rec) if rec else None
+        proc = alive(rec) if rec else None
         if proc is None:
             log(f"{name}: not running")
             continue
@@ -378,12 +464,12 @@ def down(state_dir: Path, log=print, timeout_s: float = 30.0, force: bool = Fals
                 p.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(rest, timeout=10)
-        for p in alive:
+        _, left = psutil.wait_procs(rest, timeout=10)
+        for p in left:
             try:
                 p.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(alive, timeout=5)
-        log(f"{name}: stopped (pid {rec.pid}{', killed ' + str(len(alive)) + ' stragglers' if alive else ''})")
+        psutil.wait_procs(left, timeout=5)
+        log(f"{name}: stopped (pid {rec.pid}{', killed ' + str(len(left)) + ' stragglers' if left else ''})")
     _save_state(spec, {})

@@ -7,10 +7,13 @@ environment, or by a cluster's), so the same URI works on a laptop stack and on 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import boto3
 import pyarrow.fs as pafs
+from botocore.exceptions import ClientError
 
 
 def is_s3(uri: str) -> bool:
@@ -53,17 +56,78 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write under a temporary name, then move into place: readers never see a half-written object.
-    (On S3 a single PUT is already atomic; the move keeps one code path for both.)"""
-    fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    if not is_s3(uri):  # object stores have no folders; creating markers only litters the bucket
-        fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/_tmp.{os.getpid()}.{path.rsplit('/', 1)[-1]}"
-    with fs.open_output_stream(tmp) as f:
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_local_tmp(path: str, data: bytes) -> str:
+    """``data`` in a temporary file beside ``path``, flushed to disk; -> its name."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f"_tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
         f.write(data)
-    fs.move(tmp, path)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Readers never see a half-written object, and once this returns the bytes are on disk (fsync of the file
+    and its folder): a temporary file renamed into place locally; one PUT on S3 (atomic there)."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = _write_local_tmp(path, data)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def create_exclusive(uri: str, data: bytes) -> None:
+    """Like ``write_bytes_atomic``, but only if nothing exists at ``uri`` yet; else FileExistsError.
+    Locally a hard link (atomic, fails on an existing name); on S3 ``PutObject`` with ``If-None-Match: *``."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            boto3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise FileExistsError(f"{uri} already exists") from None
+            raise
+        return
+    _, path = filesystem(uri)
+    tmp = _write_local_tmp(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{uri} already exists") from None
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def move_exclusive(src: str, dst: str) -> None:
+    """Move an object to a name that must be free (FileExistsError otherwise): never overwrites."""
+    if is_s3(dst):
+        if exists(dst):
+            raise FileExistsError(f"{dst} already exists")
+        fs, _ = filesystem(dst)
+        fs.move(filesystem(src)[1], filesystem(dst)[1])
+        return
+    s, d = filesystem(src)[1], filesystem(dst)[1]
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    try:
+        os.link(s, d)
+    except FileExistsError:
+        raise FileExistsError(f"{dst} already exists") from None
+    os.unlink(s)
+    _fsync_dir(os.path.dirname(d))
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
@@ -77,8 +141,6 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 def boto3_client():
     """A boto3 S3 client for the configured endpoint (boto3 itself honours AWS_ENDPOINT_URL)."""
-    import boto3
-
     return boto3.client("s3", region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 

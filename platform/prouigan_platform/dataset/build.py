@@ -14,11 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import pyarrow as pa
+
 from prouigan_platform import storage
 from prouigan_platform.dataset import labels
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.ingest import process_record, quarantine_row
 from prouigan_platform.dataset.labeler import LABELLER
+from prouigan_platform.dataset.sources import source_name
+from prouigan_platform.locks import dataset_lock
 from prouigan_platform.progress import Progress
 
 # quarantine reasons that say more about the machine than the input: such inputs are tried again next run
@@ -101,8 +105,6 @@ def ingest_block(records: list[dict], root: str, kw: dict) -> list[dict]:
 def _ingest_batch(batch, root: str, kw: dict):
     """Ray Data UDF: a pyarrow batch of records -> one JSON line per shard written / input quarantined.
     Pixels go from the worker straight to storage; only metadata returns through the object store."""
-    import pyarrow as pa
-
     return pa.table({"result": [json.dumps(r) for r in ingest_block(batch.to_pylist(), root, kw)]})
 
 
@@ -137,7 +139,7 @@ def ingest_ray(records: list[dict], kw: dict, root: str, shard_max: int, tally: 
     """Ray Data: blocks of inputs, each processed and written to its shards by one task, in parallel; results
     stream back as blocks finish.  (Measured: fusing the two steps beats a streaming process -> regroup -> write
     plan ~1.5x on 2 cores, because the PNGs never travel through the object store.)"""
-    import ray
+    import ray  # the Ray Data engine only: the plain engine (the benchmark's baseline) runs without Ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line says inputs, faces/s and ETA
@@ -169,6 +171,34 @@ class BuildResult:
     labels_reused: int = 0  # inputs whose labels an earlier run had made
     seconds: float = 0.0
 
+    def summary(self) -> str:
+        """What this run did and what the new version holds, per source and split (printed by `prouigan shard`)."""
+        m = self.manifest
+        accepted = sum(int(s["count"]) for s in self.new_shards)
+        reasons = Counter(q["reason"] for q in self.quarantined)
+        nbytes = sum(int(s["bytes"]) for s in self.new_shards)
+        lines = ["", "=" * 72, f"dataset version v{m['version']:04d}  ->  {m['_uri']}",
+                 f"  inputs processed  {self.processed:>7}   (+{self.duplicates} listed twice under one key)"]
+        if self.labelled or self.labels_reused:
+            lines.append(f"  labelled by dlib  {self.labelled:>7}   (+{self.labels_reused} labels reused from an "
+                         "earlier run)")
+        lines.append(f"  faces accepted    {accepted:>7}   in {len(self.new_shards)} new shard(s), "
+                     f"{nbytes / 2**20:.1f} MiB")
+        lines.append(f"  quarantined       {sum(reasons.values()):>7}")
+        lines += [f"      {reason:<24}{n:>6}" for reason, n in reasons.most_common()]
+        lines += ["  the version, by source:",
+                  f"      {'source':<16}{'train':>8}{'val':>8}{'test':>8}{'quarantined':>13}"]
+        for name, counts in m.get("counts_by_source", {}).items():
+            q = sum(m.get("quarantine_by_source", {}).get(name, {}).values())
+            lines.append(f"      {name:<16}" + "".join(f"{counts.get(sp, 0):>8}" for sp in mf.SPLITS) + f"{q:>13}")
+        lines.append(f"      {'all':<16}" + "".join(f"{m['counts'].get(sp, 0):>8}" for sp in mf.SPLITS)
+                     + f"{m['quarantined']:>13}")
+        lines.append(f"  digest {m['digest']}")
+        if self.parent:
+            lines.append(f"  reused from v{self.parent['version']:04d}: {len(self.parent['shards'])} shard(s)")
+        lines += [f"  time {self.seconds:.1f} s, {self.processed / max(self.seconds, 1e-9):.1f} inputs/s", "=" * 72]
+        return "\n".join(lines)
+
 
 class SettingsChanged(RuntimeError):
     pass
@@ -176,8 +206,6 @@ class SettingsChanged(RuntimeError):
 
 def sources_meta(data_cfg) -> list[dict]:
     """What the manifest records of each source; a source's split fractions may never change under one root."""
-    from prouigan_platform.dataset.sources import source_name
-
     return [{"name": source_name(s), "kind": s.kind, "path": s.path,
              "val_fraction": data_cfg.val_fraction if s.val_fraction is None else s.val_fraction,
              "test_fraction": data_cfg.test_fraction if s.test_fraction is None else s.test_fraction}
@@ -198,11 +226,18 @@ def _check_sources(root: str, parent: dict | None, sources: list[dict]) -> list[
 
 
 def build_version(records: list[dict], data_cfg, root: str, engine: str = "ray",
-                  progress_every: float | None = None) -> BuildResult:
+                  progress_every: float | None = None, wait_s: float = 0.0) -> BuildResult:
     """Ingest what is new or changed in ``records`` into a new dataset version under ``root``.
+    One build per root at a time: another one holding ``ROOT/locks/shard.lock`` makes this wait up to ``wait_s``,
+    then raise ``LockHeld`` naming the holder.
     ``progress_every``: print a progress line (inputs done / total, inputs/s, ETA) at most this often."""
-    t0 = time.time()
     root = root.rstrip("/")
+    with dataset_lock(root, wait_s):
+        return _build(records, data_cfg, root, engine, progress_every)
+
+
+def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every: float | None) -> BuildResult:
+    t0 = time.time()
     settings = data_settings(data_cfg)
     parent = mf.load(root) if mf.latest_version(root) else None
     if parent is not None and parent["config_hash"] != settings_hash(settings):
@@ -265,11 +300,10 @@ def commit_version(root: str, parent: dict | None, settings: dict, sources: list
         if inp in changed:
             superseded.setdefault(name, []).append(key)
             del samples[key]
-    fs, _ = storage.filesystem(root)
     for meta in sorted(shard_meta, key=lambda m: (mf.SPLITS.index(m["split"]), m["source"], m["first_key"])):
         name = f"{meta['split']}-{next_idx:06d}.tar"
         next_idx += 1
-        fs.move(storage.filesystem(meta["tmp"])[1], storage.filesystem(storage.join(mf.shards_dir(root), name))[1])
+        storage.move_exclusive(meta["tmp"], storage.join(mf.shards_dir(root), name))
         for key, (fp, split, inp) in json.loads(meta["samples"]).items():
             samples[key] = [fp, split, name, inp]
         shards.append({"name": name, "source": meta["source"], "split": meta["split"], "count": int(meta["count"]),

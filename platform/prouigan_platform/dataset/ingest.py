@@ -17,11 +17,14 @@ import hashlib
 import io
 import json
 import math
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from prouigan.align import align, keypoints_from_5, keypoints_from_68
+from prouigan.synthetic import synthetic_face
+from prouigan_platform.dataset.labeler import label_faces
 
 MIN_IMAGE_SIDE = 32  # below this an image cannot hold a usable face at all
 MAX_IMAGE_PIXELS = 100_000_000  # refused from the header, before a decoder allocates for it
@@ -50,13 +53,17 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
     if not data:
         raise Quarantine("empty_file", "zero-byte file")
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size is checked here, against our own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
         if im.width * im.height > MAX_IMAGE_PIXELS:
             raise Quarantine("image_too_large", f"{im.width}x{im.height} pixels ({im.width * im.height / 1e6:.0f} MP;"
                                                 f" the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP)")
         im.load()
     except Quarantine:
         raise
+    except Image.DecompressionBombError as e:
+        raise Quarantine("image_too_large", str(e)) from None
     except OSError as e:
         if "truncated" in str(e).lower():
             raise Quarantine("truncated_image", str(e)) from None
@@ -124,8 +131,6 @@ def _check_points(pts: np.ndarray, expected: int, w: int, h: int) -> None:
 
 def _check_geometry(pts: np.ndarray, kind: int) -> None:
     """Points an alignment can use: not collapsed, eyes apart, mouth away from the eyes."""
-    from prouigan.align import keypoints_from_5, keypoints_from_68
-
     spread = float(np.ptp(pts, axis=0).max())
     if spread < 4.0:
         raise Quarantine("bad_landmarks", f"degenerate: all {len(pts)} points lie within {spread:.1f} px")
@@ -138,8 +143,6 @@ def _check_geometry(pts: np.ndarray, kind: int) -> None:
 def check_labelled(points: np.ndarray, box: list[int]) -> None:
     """A face dlib labelled must look like a face: eyes a sane share of the box apart, the mouth below them,
     the points on the box.  Raises Quarantine(implausible_landmarks)."""
-    from prouigan.align import keypoints_from_68
-
     _check_geometry(points, 68)
     le, re_, ml, mr = keypoints_from_68(points)
     bw = max(1.0, float(box[2] - box[0]))
@@ -188,8 +191,6 @@ def _labelled_faces(record: dict, img: np.ndarray, fresh: dict) -> list[Face]:
     if record.get("labels"):
         found = json.loads(record["labels"])
     else:
-        from prouigan_platform.dataset.labeler import label_faces
-
         found = fresh["faces"] = label_faces(img)
     if not found:
         raise Quarantine("no_face_found", "dlib's detector found no face")
@@ -211,8 +212,6 @@ def _faces(record: dict, fresh: dict) -> tuple[np.ndarray, str, list[Face]]:
     """(image, note, faces) for one input."""
     kind = record["kind"]
     if kind == "synthetic":
-        from prouigan.synthetic import synthetic_face
-
         img, lm = synthetic_face(int(record["seed"]))
         return np.asarray(img), "", [(record["key"], lm, None, None)]
     if record.get("problem"):

@@ -21,6 +21,7 @@ class DlibMissing(RuntimeError):
 
 
 def require_dlib():
+    """dlib, imported here and only here: it is an optional extra, and a clear error beats an ImportError."""
     try:
         import dlib
     except ImportError as e:
@@ -53,8 +54,7 @@ LABELLER = "dlib-hog(upsample 0, then 1)+shape_predictor_68"
 
 def detect_faces(rgb: np.ndarray, upsample: int = 1) -> list[np.ndarray]:
     """Every face dlib's HOG detector finds, as (68, 2) landmarks, largest first."""
-    import dlib
-
+    dlib = require_dlib()
     img = np.ascontiguousarray(rgb, dtype=np.uint8)
     dets = sorted(_detector()(img, upsample), key=lambda r: -r.area())
     return [landmarks_in_box(img, (d.left(), d.top(), d.right(), d.bottom())) for d in dets
@@ -81,8 +81,7 @@ def label_faces(rgb: np.ndarray) -> list[dict]:
 
 def landmarks_in_box(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """dlib's 68 points for the face in ``box`` (left, top, right, bottom)."""
-    import dlib
-
+    dlib = require_dlib()
     shape = _predictor()(np.ascontiguousarray(rgb, dtype=np.uint8), dlib.rectangle(*map(int, box)))
     return _points(shape)
 
@@ -99,8 +98,7 @@ def _face_encoder():
 
 def describe(rgb: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """dlib's 68 points and 128-d identity embedding (public-domain ResNet) for the face in ``box``."""
-    import dlib
-
+    dlib = require_dlib()
     img = np.ascontiguousarray(rgb, dtype=np.uint8)
     shape = _predictor()(img, dlib.rectangle(*map(int, box)))
     return _points(shape), np.asarray(_face_encoder().compute_face_descriptor(img, shape), np.float64)

@@ -66,9 +66,10 @@ def load(uri: str) -> dict:
 
 
 def save(root: str, manifest: dict) -> str:
+    """Write a new version's manifest: the commit point.  Never replaces one (FileExistsError)."""
     uri = manifest_uri(root, manifest["version"])
     data = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    storage.write_bytes_atomic(uri, json.dumps(data, indent=1, sort_keys=False).encode())
+    storage.create_exclusive(uri, json.dumps(data, indent=1, sort_keys=False).encode())
     return uri
 
 

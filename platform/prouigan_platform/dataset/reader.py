@@ -26,6 +26,7 @@ from PIL import Image
 
 from prouigan.degradation import degrade
 from prouigan.occlusion import seed_from_key, synthesize
+from prouigan_platform import storage
 from prouigan_platform.config import DataConfig
 from prouigan_platform.dataset import manifest as mf
 
@@ -99,6 +100,7 @@ class FaceShards(torch.utils.data.IterableDataset):
             mf.split_count(self.manifest, split, source)  # an unknown source is an error naming the known ones
         self.source = source
         self.shards = mf.shard_uris(self.manifest, split, source)
+        self.sha256 = {s["name"]: s.get("sha256") for s in self.manifest["shards"]}
         # weighted mixing: endless training streams only (a finite pass reads every face once)
         self.mix = mix_weights(self.manifest, split, data.source_weights) if epochs is None and source is None \
             else {}
@@ -111,16 +113,26 @@ class FaceShards(torch.utils.data.IterableDataset):
         return self.rank * n_workers + worker, self.world_size * n_workers
 
     def _shard_samples(self, uri: str) -> Iterator[dict]:
+        """The shard's samples, once its bytes match the sha256 the manifest recorded (a shard is at most a few
+        tens of MB: it is read whole, hashed, then parsed).  A mismatch or an unreadable shard is skipped with a
+        warning and counted in ``stats["bad_shards"]``."""
         name = uri.rsplit("/", 1)[-1]
         try:
-            for s in mf.read_shard(uri):
-                if (name, s["__key__"]) not in self.stale:
-                    yield s
-        except Exception as e:  # truncated or corrupt tar: keep what was read, skip the rest
+            data = storage.read_bytes(uri)
+            expected = self.sha256.get(name)
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                raise ValueError(f"sha256 mismatch: the shard's bytes are not the ones the manifest recorded "
+                                 f"({len(data)} bytes)")
+            samples = list(mf.iter_tar(io.BytesIO(data)))
+        except Exception as e:
             self.stats["bad_shards"] += 1
-            msg = f"skipping the rest of shard {uri}: {type(e).__name__}: {e}"
+            msg = f"skipping shard {uri}: {type(e).__name__}: {e}"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
+            return
+        for s in samples:
+            if (name, s["__key__"]) not in self.stale:
+                yield s
 
     def _samples(self, epoch: int, reader: int, readers: int, shards: list[str]) -> Iterator[dict]:
         shards = list(shards)

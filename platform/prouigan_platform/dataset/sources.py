@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from prouigan_platform.config import SourceConfig
+from prouigan_platform.dataset.labeler import DlibMissing, require_dlib
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 PHOTO_EXTS = IMAGE_EXTS | {".bmp", ".webp", ".tif", ".tiff"}
@@ -81,8 +82,6 @@ def list_300w(src: SourceConfig, name: str) -> list[dict]:
 
 
 def _require_labeller(root: Path, kind: str) -> None:
-    from prouigan_platform.dataset.labeler import DlibMissing, require_dlib
-
     try:
         require_dlib()  # fail at listing time, not in a thousand Ray tasks
     except DlibMissing as e:

@@ -1,0 +1,1 @@
+"""One module per `prouigan` command: ``run(args) -> exit code``; the arguments are declared in ``cli.py``."""

@@ -1,0 +1,118 @@
+"""Scheduled retraining: new faces -> incremental dataset version -> fine-tune the champion -> evaluate -> gate.
+
+    prouigan retrain -c cpu-small                      # from cron, a systemd timer or a Kubernetes CronJob
+    ray job submit --working-dir . -- python pipelines/retrain.py -c gpu-paper
+
+1. shard: list ``data.sources`` and shard only inputs that are new or changed since the latest dataset version
+   (an incremental version that keeps its parent's shards);
+2. decide: when the latest version is the one the current champion was trained on, there is nothing to do,
+   and it says so (exit 0);
+3. fine-tune: train ``NAME-retrain-vNNNN`` on the whole new version, the generator starting from the champion
+   (a first run, with no champion, trains from scratch); registered as a new version with alias challenger;
+4. evaluate the new version and the champion on ``eval.split`` and promote it through the gate.
+
+The whole pipeline holds a retrain lock in the bucket, so a second retrain started meanwhile exits at once; the
+champion alias itself only moves by the gate's compare-and-set.  Every retrain is an MLflow run (experiment
+``<tracking.experiment>-retrain``) tagged with each step's outcome; a failure at any step marks it FAILED with
+the step and the error, and leaves the champion where it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+
+from prouigan.presets import generator_config
+from prouigan_platform import gate, storage
+from prouigan_platform.config import ConfigError
+from prouigan_platform.dataset.build import build_version
+from prouigan_platform.dataset.sources import list_sources
+from prouigan_platform.errors import UserError
+from prouigan_platform.locks import Lock, lock_root
+from prouigan_platform.promotion import evaluate_model
+from prouigan_platform.registry import alias_version, resolve_model
+from prouigan_platform.training.driver import train_and_register
+
+
+def _champion_digest(champion) -> str | None:
+    if champion is None:
+        return None
+    return mlflow.MlflowClient().get_run(champion.run_id).data.tags.get("data_manifest_digest")
+
+
+def _init_from_champion(cfg, champion) -> dict:
+    uri = f"models:/{champion.name}/{champion.version}"
+    h = resolve_model(uri)
+    want = generator_config(cfg.model.preset, cfg.model.overrides).to_dict()
+    have = h.generator.cfg.to_dict()
+    if want != have:
+        diff = {k: (have[k], want.get(k)) for k in have if have[k] != want.get(k)}
+        raise ConfigError(f"config key 'model': the champion {uri} has another architecture than model.preset="
+                          f"{cfg.model.preset} (champion vs config: {diff}); retrain with the champion's preset")
+    return {"from": uri, "generator": {k: v.cpu() for k, v in h.generator.state_dict().items()}}
+
+
+def retrain(cfg, log=print) -> dict:
+    """-> {"status": "no-op" | "promoted" | "refused" | "busy", ...}; raises on failure (after recording it)."""
+    name = cfg.tracking.registered_model
+    root = cfg.data.output.rstrip("/")
+    # a short lease, renewed by a heartbeat while this process works: a crashed retrain frees it in minutes
+    lock = Lock(storage.join(lock_root(cfg), f"retrain-{name}.lock"), lease_s=300, purpose=f"retrain {name}")
+    if not lock.acquire():
+        log(f"retrain: another retrain holds the lock: {lock.held_by()}; exiting without doing anything")
+        return {"status": "busy"}
+    try:
+        champion = alias_version(name, gate.CHAMPION)
+        records = list_sources(cfg.data.sources)
+        log(f"retrain: {len(records)} inputs listed; champion: "
+            + (f"v{champion.version}" if champion else f"none yet (models:/{name} has no @{gate.CHAMPION})"))
+        built = build_version(records, cfg.data, root, engine="ray", progress_every=15)
+        if built.manifest is not None:
+            log(built.summary())
+        manifest = built.manifest or built.parent
+        if manifest is None:
+            raise UserError(f"no dataset under {root} and no faces accepted from data.sources")
+        version_no = int(manifest["version"])
+        if champion is not None and _champion_digest(champion) == manifest["digest"]:
+            log(f"retrain: nothing to do — no new faces since dataset v{version_no:04d}, which champion "
+                f"v{champion.version} was trained on")
+            return {"status": "no-op", "dataset": manifest["_uri"], "champion": champion.version}
+        client = mlflow.MlflowClient()
+        exp_name = f"{cfg.tracking.experiment}-retrain"
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
+        run_id = client.create_run(exp_id, run_name=f"retrain-v{version_no:04d}", tags={
+            "pipeline": "retrain", "dataset": manifest["_uri"], "dataset_digest": manifest["digest"],
+            "champion_before": champion.version if champion else "none"}).info.run_id
+        step = "fine-tune"
+        try:
+            tcfg = cfg.model_copy(deep=True)
+            tcfg.name = f"{cfg.name}-retrain-v{version_no:04d}"
+            init = _init_from_champion(cfg, champion) if champion else None
+            log(f"retrain: training {tcfg.name} on dataset v{version_no:04d} "
+                + (f"from champion v{champion.version}" if init else "from scratch"))
+            trained = train_and_register(tcfg, manifest, init=init, tags={"retrain_run": run_id})
+            if not trained["version"]:
+                raise RuntimeError("training reported no checkpoint; nothing to evaluate")
+            client.set_tag(run_id, "candidate", trained["version"])
+            step = "evaluate"
+            out = Path("outputs/retrain") / f"v{version_no:04d}"
+            result = evaluate_model(cfg, trained["version"], manifest["_uri"], cfg.eval.split, out,
+                                    promote=True, log=log, source=cfg.eval.source)
+            decision = result["gate"]
+            client.set_tag(run_id, "gate.decision", decision["decision"])
+            client.set_tag(run_id, "gate.reason", decision["reason"][:4500])
+            if not result.get("complete", True):
+                raise RuntimeError(f"partial evaluation: {decision['reason']}")
+        except BaseException as e:
+            client.set_tag(run_id, "failed_step", step)
+            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4500])
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        log(f"retrain: {decision['decision']} {trained['version']}: {decision['reason']}")
+        return {"status": decision["decision"], "version": trained["version"], "dataset": manifest["_uri"],
+                "reason": decision["reason"], "run_id": run_id}
+    finally:
+        lock.release()

@@ -1,0 +1,137 @@
+"""Loss-weight search: Ray Tune over the training pipeline, Optuna (TPE) proposing, ASHA stopping early.
+
+Each trial is a small driver function that starts the same ``TorchTrainer`` as `prouigan train` with the trial's
+weights (Train V2: Tune runs functions, never a trainer object) and forwards every validation report to Tune
+through ``TuneReportCallback``; ASHA compares trials on ``tune.metric`` at each report.  The Optuna study lives in
+an RDB (sqlite in the state folder by default) named after the config's ``name``: running the same search again
+adds trials to that study and TPE starts from everything it has already seen.
+
+MLflow: one parent run per invocation, one child run per trial (its config, curves and grids, status FAILED with
+the error for a crashed trial, ``stopped_early`` for one ASHA cut), and the best config as an artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import mlflow
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from prouigan_platform.config import apply_overrides, validate
+from prouigan_platform.paths import state_dir
+from prouigan_platform.training.driver import fit, storage_args
+
+
+def _key(dotted: str) -> str:
+    return dotted.replace(".", "__")  # Tune treats '/' and nesting specially; keep parameter names flat
+
+
+def trial_config(base: dict, params: dict, trial_id: str):
+    """The resolved config of one trial: the base config with the sampled values, its own run name."""
+    data = apply_overrides(base, [f"{k.replace('__', '.')}={v!r}" for k, v in params.items()])
+    data["name"] = f"{base['name']}-{trial_id}"
+    return validate(data, f"tune trial {trial_id}")
+
+
+def run_trial(params: dict, ctx: dict) -> None:
+    """One Tune trial (runs in a Tune actor): start the TorchTrainer, report through TuneReportCallback."""
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(ctx["config"], params, trial_id)
+    client, run_id = None, None
+    if ctx.get("parent_run_id"):
+        client = mlflow.MlflowClient()
+        run = client.create_run(ctx["experiment_id"], run_name=f"trial-{trial_id}",
+                                tags={"mlflow.parentRunId": ctx["parent_run_id"], "tune_trial": trial_id,
+                                      "tune_study": ctx["study"], "pipeline": "tune-trial"})
+        run_id = run.info.run_id
+        flat = cfg.to_flat_dict()
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, ("" if v is None else str(v))[:6000])
+                                         for k, v in flat.items()])
+        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    try:
+        result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=[TuneReportCallback()])
+        if result.error is not None:
+            raise result.error
+    except BaseException as e:  # recorded, then re-raised so Tune marks the trial errored and goes on
+        if client is not None:
+            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4000])
+            client.set_terminated(run_id, "FAILED")
+        raise
+    # a trial that ran to the end is closed FINISHED by the driver: Tune may stop this actor at the last report
+
+
+def concurrent_trials(cfg) -> int:
+    """How many trials the cluster fits at once: each takes num_workers x (CPU, GPU) plus a small driver."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    res = ray.cluster_resources()
+    per_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker + 0.1
+    fit = int(res.get("CPU", 1) // per_cpu)
+    if cfg.train.use_gpu:
+        fit = min(fit, int(res.get("GPU", 0) // cfg.train.num_workers))
+    return max(1, fit)
+
+
+def study_storage(cfg) -> str:
+    if cfg.tune.study_storage:
+        return cfg.tune.study_storage
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{d / 'optuna.db'}"
+
+
+def baseline_point(cfg, storage) -> list[dict] | None:
+    """The config's own values as the first trial of a new study (when they lie inside the space)."""
+    if not cfg.tune.start_with_defaults:
+        return None
+    try:
+        if optuna.load_study(study_name=cfg.name, storage=storage).trials:
+            return None  # an existing study already has its baseline
+    except KeyError:
+        pass
+    flat = cfg.to_flat_dict()
+    outside = [k for k, r in cfg.tune.space.items() if not r.low <= flat[k] <= r.high]
+    if outside:
+        print(f"[tune] baseline trial: the config's own {', '.join(outside)} lie outside the search range; "
+              "it is evaluated anyway, as the reference", file=sys.stderr)
+    return [{_key(k): flat[k] for k in cfg.tune.space}]
+
+
+def search(cfg, manifest: dict, parent_run_id: str | None, experiment_id: str | None):
+    """Run the Tuner; -> (ResultGrid, number of reports a full trial makes)."""
+    space = {_key(k): (tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high))
+             for k, r in cfg.tune.space.items()}
+    reports = math.ceil(cfg.train.steps / cfg.train.val_every)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(study_storage(cfg))
+    searcher = OptunaSearch(metric=cfg.tune.metric, mode="max", study_name=cfg.name, storage=storage,
+                            points_to_evaluate=baseline_point(cfg, storage))
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.tune.metric, mode="max", max_t=reports,
+                              grace_period=min(cfg.tune.grace_period, reports),
+                              reduction_factor=cfg.tune.reduction_factor)
+    ctx = {"config": cfg.model_dump(mode="json"), "manifest_uri": manifest["_uri"], "study": cfg.name,
+           "parent_run_id": parent_run_id, "experiment_id": experiment_id}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.1})
+    run_storage = storage_args(cfg.train.storage.rstrip("/") + "/tune")
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.tune.trials,
+                                    max_concurrent_trials=concurrent_trials(cfg)),
+        run_config=tune.RunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  failure_config=tune.FailureConfig(max_failures=0), **run_storage),
+    )
+    return tuner.fit(), reports
+
+
+def best_config(cfg, params: dict):
+    data = cfg.model_dump(mode="json")
+    best = trial_config(data, params, "best")
+    best.name = f"{cfg.name}-best"
+    return best

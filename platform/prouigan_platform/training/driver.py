@@ -1,0 +1,196 @@
+"""The training driver: resolve the run, start (or resume) the ``TorchTrainer``, register the best checkpoint.
+
+``train_and_register`` is what `prouigan train`, `prouigan retrain` and the cluster jobs call; ``fit`` is the
+bare trainer (`prouigan tune` runs it inside each trial).  Ray must be initialised by the caller.
+Re-running a name resumes from its latest checkpoint; the architecture always comes from that checkpoint, and a
+config whose model differs is refused before any worker starts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from prouigan.presets import generator_config
+from prouigan_platform import storage
+from prouigan_platform.config import Config, ConfigError, load_config
+from prouigan_platform.registry import log_and_register
+from prouigan_platform.runtime import verbose
+from prouigan_platform.tracking import git_commit, log_config
+from prouigan_platform.training.worker import CHECKPOINT_FILE, train_loop_per_worker
+
+
+def storage_args(uri: str) -> dict:
+    """RunConfig storage for a local path or s3:// (pyarrow filesystem with the configured endpoint)."""
+    if storage.is_s3(uri):
+        return {"storage_path": uri[len("s3://"):].rstrip("/"), "storage_filesystem": storage.s3_filesystem()}
+    return {"storage_path": str(Path(uri).expanduser().resolve())}
+
+
+def latest_checkpoint(cfg: Config) -> str | None:
+    """The URI of the newest ``step_*`` checkpoint of this run name, or None."""
+    run_dir = storage.join(cfg.train.storage, cfg.name)
+    fs, path = storage.filesystem(run_dir)
+    steps = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
+    for name in reversed(steps):
+        uri = storage.join(run_dir, name, CHECKPOINT_FILE)
+        if storage.exists(uri):
+            return uri
+    return None
+
+
+def check_resume(cfg: Config) -> str | None:
+    """Refuse (ConfigError, one line) a config whose model differs from the checkpoint the run would resume;
+    -> the checkpoint URI, or None for a new run."""
+    uri = latest_checkpoint(cfg)
+    if uri is None:
+        return None
+    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    have = state["generator_config"]
+    want = generator_config(cfg.model.preset, cfg.model.overrides).to_dict()
+    diff = {k: (have.get(k), v) for k, v in want.items() if _norm(have.get(k)) != _norm(v)}
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {a}, config {b}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"config key 'model': run '{cfg.name}' resumes from {uri}, whose generator differs ({what});"
+                          " keep the checkpoint's model or choose another name=")
+    return uri
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | None = None, init: dict | None = None):
+    """Build and run the TorchTrainer for a resolved config; -> ray.train.Result.
+    ``callbacks``: Ray Train callbacks (`prouigan tune` passes Tune's report callback).
+    ``init``: {"from": MODEL, "generator": state dict} to fine-tune from (used when there is no checkpoint)."""
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest_uri,
+                           "mlflow_run_id": run_id, "init_generator": (init or {}).get("generator"),
+                           "init_from": (init or {}).get("from")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                               placement_strategy=cfg.train.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, **storage_args(cfg.train.storage), callbacks=callbacks or None,
+            # Ray Train's own lines (resources, process groups, devices) only with --verbose; ours are prints
+            logging_config=ray.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
+                                                         checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_order="max")),
+    )
+    return trainer.fit()
+
+
+def find_or_start_run(cfg: Config, manifest: dict) -> str:
+    """The MLflow run of this training name: re-opened on resume, created (with the whole config) otherwise.
+    It is RUNNING while training and ends FINISHED or FAILED (``end_run``)."""
+    mlflow.set_experiment(cfg.tracking.experiment)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.train_name = '{cfg.name}'",
+                               output_format="list", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        with mlflow.start_run(run_name=cfg.name, tags={"train_name": cfg.name, "git_commit": git_commit(),
+                                                       "pipeline": "train", "data_manifest": manifest["_uri"],
+                                                       "data_manifest_digest": manifest["digest"]}) as run:
+            log_config(cfg)
+        run_id = run.info.run_id
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def end_run(run_id: str | None, error: BaseException | None) -> None:
+    """FINISHED, or FAILED with the error as a tag; an unreachable MLflow is reported, not raised."""
+    if not run_id:
+        return
+    try:
+        client = mlflow.MlflowClient()
+        if error is not None:
+            client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:4500])
+        client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
+    except Exception as e:
+        print(f"[train] could not mark MLflow run {run_id} {'FAILED' if error else 'FINISHED'}: {e}", file=sys.stderr)
+
+
+def tracking_off() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, tags: dict | None = None) -> dict:
+    """Train (or resume) ``cfg.name`` on a dataset version and register its best checkpoint as a new version of
+    ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
+    -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
+    A failed training marks the MLflow run FAILED with the error and raises it."""
+    resume_from = check_resume(cfg)
+    if resume_from:
+        print(f"[train] run '{cfg.name}' resumes from {resume_from}")
+    run_id = None if tracking_off() else find_or_start_run(cfg, manifest)
+    if run_id is None:
+        print("[train] MLFLOW_TRACKING_URI not set: training without tracking", file=sys.stderr)
+    elif tags:
+        for k, v in tags.items():
+            mlflow.MlflowClient().set_tag(run_id, k, v)
+    try:
+        result = fit(cfg, manifest["_uri"], run_id, init=init)
+        if result.error is not None:
+            raise result.error
+        out = _register(cfg, result, run_id)
+    except BaseException as e:
+        end_run(run_id, e)
+        raise
+    end_run(run_id, None)
+    return out
+
+
+def _register(cfg: Config, result, run_id: str | None) -> dict:
+    out = {"run_id": run_id, "checkpoint": None, "version": None}
+    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
+    print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    if best is None:
+        print("[train] no checkpoint was reported; nothing to register", file=sys.stderr)
+        return out
+    ckpt_uri = f"{cfg.train.storage.rstrip('/')}/{cfg.name}/{Path(best[0].path).name}"
+    out["checkpoint"] = ckpt_uri
+    print(f"[train] best checkpoint {ckpt_uri}: val_psnr {best[1]['val_psnr']:.2f} dB at step {best[1]['step']}")
+    if not run_id:
+        return out
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "best_checkpoint", ckpt_uri)
+    client.set_tag(run_id, "latest_checkpoint", f"{cfg.train.storage.rstrip('/')}/{cfg.name}/"
+                                                f"{Path(result.checkpoint.path).name}")
+    tags = client.get_run(run_id).data.tags
+    if tags.get("registered_checkpoint") == ckpt_uri:  # a re-run that trained nothing new
+        print(f"[train] {ckpt_uri} is already registered ({tags['registered_version']})")
+        out["version"] = tags["registered_version"]
+        return out
+    with best[0].as_directory() as d:
+        version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model)
+    uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
+    client.set_tag(run_id, "registered_checkpoint", ckpt_uri)
+    client.set_tag(run_id, "registered_version", uri)
+    print(f"[train] registered {uri} (alias @challenger), run {run_id}")
+    out["version"] = uri
+    return out
+
+
+def config_from_tune(run_id: str, overrides: list[str]) -> Config:
+    """The best config a search logged to its MLflow parent run, with overrides applied."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="best.yaml")
+    except Exception as e:
+        raise ConfigError(f"--from-tune {run_id}: no best.yaml in that MLflow run ({type(e).__name__}: {e})") from None
+    return load_config(path, overrides)

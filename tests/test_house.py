@@ -1,0 +1,175 @@
+"""The shape of the code: no import cycles, pipelines that never import each other, a model library with no
+platform imports, a CLI that parses without loading torch/Ray/MLflow, config fields that are all read, and no
+stray MLflow store when a command runs without a tracking address."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from prouigan_platform.config import Config
+from tests.conftest import REPO
+
+PACKAGES = {"prouigan": REPO / "prouigan", "prouigan_platform": REPO / "platform" / "prouigan_platform",
+            "pipelines": REPO / "pipelines"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg, root in PACKAGES.items():
+        for f in root.rglob("*.py"):
+            rel = f.relative_to(root).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = f
+    return out
+
+
+def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
+    """First-party modules imported by a file (``from a.b import c`` counts a.b, and a.b.c when that is a module)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+def _graph(top_level_only: bool) -> dict[str, set[str]]:
+    mods = _modules()
+    return {m: {i for i in _imports(p, m, top_level_only) if i in mods and i != m} for m, p in mods.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state = [], {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    return cycles
+
+
+def test_no_import_cycles_between_first_party_modules():
+    # every import counts, also those inside functions: a cycle through a deferred import is still a cycle
+    assert _cycles(_graph(top_level_only=False)) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_pipelines_are_thin_and_never_import_each_other():
+    graph = _graph(top_level_only=False)
+    for m, deps in graph.items():
+        if m.startswith("pipelines."):
+            assert not [d for d in deps if d.startswith("pipelines")], (m, deps)
+            assert len(_modules()[m].read_text().splitlines()) <= 10, f"{m} holds work; it belongs in the platform"
+        if m.startswith("prouigan_platform"):
+            assert not [d for d in deps if d.startswith("pipelines")], (m, deps)
+        if m.startswith("prouigan_platform.") and m != "prouigan_platform.cli":
+            # the CLI imports the commands (by name, at dispatch): nothing may import the CLI back
+            assert "prouigan_platform.cli" not in deps, m
+
+
+def test_the_model_library_imports_nothing_of_the_platform():
+    for m, p in _modules().items():
+        if m.startswith("prouigan.") or m == "prouigan":
+            text = p.read_text()
+            assert not re.search(r"^\s*(import|from)\s+(prouigan_platform|ray|mlflow|boto3|pyarrow)\b", text, re.M), m
+
+
+def test_the_cli_parses_without_loading_torch_ray_or_mlflow():
+    code = ("import sys\nfrom prouigan_platform.cli import build_parser, main\n"
+            "build_parser().parse_args(['train', '-c', 'smoke'])\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'ray', 'mlflow', 'pydantic', 'numpy') if m in sys.modules]\n"
+            "print(heavy)\nsys.exit(bool(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stdout[-500:] + out.stderr[-1500:]
+    code = ("import sys\nfrom prouigan_platform.cli import main\nrc = main(['config', '-c', 'cpu-small'])\n"
+            "heavy = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]\nprint(heavy, file=sys.stderr)\n"
+            "sys.exit(rc or bool(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr[-1500:]
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _fields(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+# sections handed on whole, field by field, to a constructor whose parameters have the same names
+PASSED_WHOLE = {"loss": "LossWeights(**cfg.loss.model_dump("}
+
+
+def test_every_config_field_is_read_somewhere():
+    code = "\n".join(p.read_text() for m, p in _modules().items()
+                     if m != "prouigan_platform.config" and not m.startswith("prouigan_platform.commands.demo"))
+    unread = []
+    for dotted in _fields(Config):
+        section, _, leaf = dotted.rpartition(".")
+        top = dotted.split(".")[0]
+        if top in PASSED_WHOLE and PASSED_WHOLE[top] in code and leaf != "vgg_weights":
+            continue
+        if not re.search(rf"\.{re.escape(leaf)}\b", code):
+            unread.append(dotted)
+    assert unread == [], f"config fields that no code reads: {unread}"
+
+
+def test_the_field_check_would_catch_an_unread_field():
+    class Extra(BaseModel):
+        never_read_anywhere_xyz: int = 0
+
+    code = "\n".join(p.read_text() for p in _modules().values())
+    assert not re.search(r"\.never_read_anywhere_xyz\b", code) and _fields(Extra) == ["never_read_anywhere_xyz"]
+
+
+def test_commands_without_a_tracking_address_leave_no_stray_store_in_the_repo(tmp_path):
+    """MLflow's client, given no tracking address, would make ./mlflow.db: no command may let it."""
+    before = set(os.listdir(REPO))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_", "AWS_", "PROUIGAN_"))}
+    env["PROUIGAN_STATE_DIR"] = str(tmp_path / "state")
+    ds = ["data.output={tmp}/ds", "train.storage={tmp}/ck", "train.steps=2", "train.val_every=1"]
+    for args in (["config", "-c", "smoke"], ["synth", "--out", "{tmp}/faces", "--count", "3"],
+                 ["shard", "--local", "-c", "smoke", *ds], ["train", "-c", "smoke", *ds],
+                 ["evaluate", "-c", "smoke", "--model", "{tmp}/ck/smoke/step_0000002", "--split", "val",
+                  "--output", "{tmp}/ev", "eval.dlib=false", *ds]):
+        out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", *[a.format(tmp=tmp_path) for a in args]],
+                             capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        assert out.returncode == 0, (args, (out.stdout + out.stderr)[-3000:])
+    new = set(os.listdir(REPO)) - before
+    assert not {n for n in new if n in ("mlflow.db", "mlruns", "mlartifacts") or n.endswith(".db")}, new
+
+
+def test_no_database_is_committed_and_git_ignores_stores():
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO).stdout.split()
+    assert not [f for f in files if f.endswith((".db", ".sqlite", ".sqlite3"))]
+    ignored = subprocess.run(["git", "check-ignore", "mlflow.db", "mlruns/x", "outputs/x", ".platform/x"],
+                             capture_output=True, text=True, cwd=REPO).stdout.split()
+    assert ignored == ["mlflow.db", "mlruns/x", "outputs/x", ".platform/x"]
