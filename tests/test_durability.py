@@ -152,3 +152,15 @@ def test_a_killed_s3_test_server_is_reported_at_the_next_up(tmp_path):
         assert any("LOST" in x and "s3" in x for x in lines), lines
         keys = [o["Key"] for o in boto3_client().list_objects_v2(Bucket=spec.bucket).get("Contents", [])]
         assert "kept.txt" in keys and "lost.txt" not in keys
+
+
+def test_commands_find_the_stack_from_its_state_folder_alone(durable_stack):
+    """A user's shell after `prouigan platform up`, with nothing exported: the command finds the stack (and its Ray
+    token) through the state folder, before Ray reads its settings."""
+    spec = durable_stack
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_", "PROUIGAN_"))}
+    out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", "hello", "-c", "smoke",
+                          "tracking.experiment=found"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**clean, "PROUIGAN_STATE_DIR": str(spec.state_dir)})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "using the embedded stack" in out.stderr and "sum of squares = 140" in out.stdout

@@ -136,6 +136,9 @@ def _restore(p) -> None:
     _device_arg(p, "cpu")
 
 
+# commands that find the embedded stack (when the environment names no cluster) before their work starts
+USES_STACK = {"hello", "shard", "train", "tune", "hallucinate", "evaluate", "restore", "retrain"}
+
 ARGUMENTS = {"platform": _platform, "config": _config_args, "demo": lambda p: None, "hello": _hello,
              "synth": _synth, "shard": _shard, "train": _train, "tune": _tune, "hallucinate": _hallucinate,
              "evaluate": _evaluate, "restore": _restore, "retrain": _config_args}
@@ -164,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["PROUIGAN_VERBOSE"] = "1"
     try:
+        if args.command in USES_STACK:
+            # before Ray or MLflow is imported: Ray reads its auth settings (RAY_AUTH_MODE, the token path) once
+            from prouigan_platform.runtime import use_embedded_stack
+
+            use_embedded_stack()
         # the command's module imports what its work needs (torch, Ray, MLflow): only now, after parsing
         command = importlib.import_module(f"prouigan_platform.commands.{args.command}")
         return int(command.run(args) or 0)

@@ -19,7 +19,6 @@ from prouigan_platform.config import config_from_args
 from prouigan_platform.errors import UserError
 from prouigan_platform.promotion import dataset_uri, evaluate_model, slug
 from prouigan_platform.registry import resolve_device
-from prouigan_platform.runtime import use_embedded_stack
 
 
 def run(args) -> int:
@@ -27,8 +26,6 @@ def run(args) -> int:
     device = resolve_device(args.device)
     split = args.split or cfg.eval.split
     source = args.source or cfg.eval.source
-    if args.model.startswith(("runs:/", "models:/")) or args.promote:
-        use_embedded_stack()
     data = dataset_uri(cfg, args.data)
     out = args.output or Path("outputs/evaluate") / slug(args.model) / (f"{split}-{source}" if source else split)
     if out.exists() and not out.is_dir():

@@ -16,7 +16,6 @@ from PIL import Image
 from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
-from prouigan_platform.runtime import use_embedded_stack
 
 EXTS = {".png", ".jpg", ".jpeg"}
 
@@ -57,8 +56,6 @@ def run(args) -> int:
         thumbs.append((f, np.asarray(im)))
     if bad:
         raise UserError("; ".join(bad), code=2)
-    if args.model.startswith(("runs:/", "models:/")):
-        use_embedded_stack()
     model = resolve_model(args.model, device)
     args.output.mkdir(parents=True, exist_ok=True)
     progress = Progress("hallucinate", len(thumbs), "faces", every=10)

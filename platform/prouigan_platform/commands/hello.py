@@ -12,7 +12,7 @@ import mlflow
 import ray
 
 from prouigan_platform.config import config_from_args
-from prouigan_platform.runtime import init_ray, require_env, use_embedded_stack
+from prouigan_platform.runtime import init_ray, require_env
 from prouigan_platform.tracking import start_run
 
 
@@ -22,7 +22,6 @@ def _square(i: int) -> tuple[int, str, int]:
 
 def run(args) -> int:
     config = config_from_args(args)
-    use_embedded_stack()
     require_env("MLFLOW_TRACKING_URI")
     init_ray()
     square = ray.remote(num_cpus=0.25)(_square)

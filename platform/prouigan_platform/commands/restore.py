@@ -24,7 +24,6 @@ from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
 from prouigan_platform.restoring import restore_photo
-from prouigan_platform.runtime import use_embedded_stack
 
 
 def _thumbnail(path) -> np.ndarray:
@@ -60,8 +59,6 @@ def run(args) -> int:
         require_dlib()
     except DlibMissing as e:
         raise UserError(str(e)) from None
-    if args.model.startswith(("runs:/", "models:/")):
-        use_embedded_stack()
     model = resolve_model(args.model, device)
     args.output.mkdir(parents=True, exist_ok=True)
     done, no_face, unreadable = 0, [], []

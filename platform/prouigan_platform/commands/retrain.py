@@ -7,12 +7,11 @@ import time
 
 from prouigan_platform.config import config_from_args
 from prouigan_platform.retraining import retrain
-from prouigan_platform.runtime import init_ray, use_embedded_stack
+from prouigan_platform.runtime import init_ray
 
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    use_embedded_stack()
     init_ray()
     t0 = time.time()
     out = retrain(cfg)

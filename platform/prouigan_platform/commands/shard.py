@@ -17,7 +17,7 @@ from prouigan_platform.config import config_from_args
 from prouigan_platform.dataset.build import SettingsChanged, build_version
 from prouigan_platform.dataset.sources import SourceError, list_sources
 from prouigan_platform.errors import UserError
-from prouigan_platform.runtime import init_ray, use_embedded_stack
+from prouigan_platform.runtime import init_ray
 
 
 def run(args) -> int:
@@ -28,11 +28,7 @@ def run(args) -> int:
     except SourceError as e:
         raise UserError(str(e)) from None
     print(f"shard: {len(records)} inputs listed from {len(cfg.data.sources)} source(s) -> {root}", flush=True)
-    if args.local:
-        init_ray(local=True)
-    else:
-        use_embedded_stack()
-        init_ray()
+    init_ray(local=args.local)
     try:
         result = build_version(records, cfg.data, root, engine="ray", progress_every=10, wait_s=args.wait)
     except SettingsChanged as e:

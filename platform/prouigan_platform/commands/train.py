@@ -19,12 +19,11 @@ import ray.train
 from prouigan_platform.config import config_from_args
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.errors import UserError
-from prouigan_platform.runtime import init_ray, use_embedded_stack
+from prouigan_platform.runtime import init_ray
 from prouigan_platform.training.driver import config_from_tune, tracking_off, train_and_register
 
 
 def run(args) -> int:
-    use_embedded_stack()
     if args.from_tune:
         if args.config:
             raise UserError("give --config or --from-tune, not both", code=2)

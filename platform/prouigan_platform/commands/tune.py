@@ -16,14 +16,13 @@ import mlflow
 
 from prouigan_platform.config import config_from_args
 from prouigan_platform.dataset import manifest as mf
-from prouigan_platform.runtime import init_ray, use_embedded_stack
+from prouigan_platform.runtime import init_ray
 from prouigan_platform.search import best_config, search
 from prouigan_platform.tracking import git_commit, log_config
 
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    use_embedded_stack()
     manifest = mf.load(cfg.train.dataset or cfg.data.output)
     tracking = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     parent_run_id = experiment_id = None
