@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check prouigan platform pipelines tests benchmarks
+	$(BIN)/ruff check prouigan platform pipelines tests benchmarks infra
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py

@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="sbs", help="suffix of the run names")
-    ap.add_argument("--skip-train", action="store_true", help="score the checkpoints of an earlier call")
+    ap.add_argument("--skip-train", action="store_true", help="score the checkpoints of an earlier call (scores it already wrote are kept)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}", flush=True)
@@ -83,11 +83,14 @@ def main() -> int:
             cmd = [*PROUIGAN, "evaluate", "-c", cfg, "--model", ckpt, "--data", args.dataset, "--split", "test",
                    "--output", str(out), *(["--source", source] if source else [])]
             print(f"$ prouigan {_echo(cmd)}", flush=True)
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            (args.out / f"{name}.eval-{source or 'all'}.log").write_text(r.stdout + r.stderr)
-            if r.returncode != 0:
-                print(r.stdout[-2000:] + r.stderr[-2000:], file=sys.stderr)
-                return 1
+            if args.skip_train and (out / "metrics.json").exists():
+                print(f"  (scored by an earlier call: {out / 'metrics.json'})", flush=True)
+            else:
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                (args.out / f"{name}.eval-{source or 'all'}.log").write_text(r.stdout + r.stderr)
+                if r.returncode != 0:
+                    print(r.stdout[-2000:] + r.stderr[-2000:], file=sys.stderr)
+                    return 1
             m = json.loads((out / "metrics.json").read_text())
             rows.setdefault(source or "all", {})[cfg] = {"step": int(step), "steps": steps_done, "faces": m["faces"],
                                                          "model": m["methods"]["model"],

@@ -152,8 +152,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="prouigan", description=__doc__.split("\n\n")[0],
-                     epilog="`prouigan COMMAND --help` for a command's arguments")
+    parser = _Parser(prog="prouigan",
+                     description="Pro-UIGAN: 128x128 faces from occluded 16x16 thumbnails, and the Ray + MLflow "
+                                 "platform that makes the data, trains, tracks, gates and serves the models.",
+                     epilog="Start with `prouigan platform up`, or `prouigan demo` for the whole path in minutes. "
+                            "`prouigan COMMAND --help` for a command's arguments.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show Ray's own log lines and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, help_ in COMMANDS.items():

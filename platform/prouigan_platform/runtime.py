@@ -67,6 +67,9 @@ def init_ray(local: bool = False, **kwargs):
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     env_vars = {k: os.environ[k] for k in FORWARDED if k in os.environ}
+    # a worker's print goes straight to its stdout, which Ray streams here once (Ray Train's print patch would
+    # route it through its logger as well: every line twice)
+    env_vars.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     runtime_env = kwargs.pop("runtime_env", {}) or {}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
         runtime_env.setdefault("env_vars", {}).update(env_vars)

@@ -20,6 +20,7 @@ import mlflow
 import optuna
 import ray
 from ray import tune
+from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -40,6 +41,27 @@ def trial_config(base: dict, params: dict, trial_id: str):
     return validate(data, f"tune trial {trial_id}")
 
 
+class ValidationToMlflow(UserCallback):
+    """Logs each report's validation metrics to the trial's child run before Tune sees them.
+
+    The workers log to MLflow in the background, and ASHA may stop a trial right after a report, before that
+    thread has sent anything; the comparison the search made must still be in the child run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0]
+        step = int(m.get("val_step", m.get("step", 0)))
+        values = {k: float(v) for k, v in m.items() if k.startswith("val_") and k != "val_step"
+                  and isinstance(v, (int, float)) and math.isfinite(v)}
+        try:
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=[
+                mlflow.entities.Metric(k, v, int(time.time() * 1000), step) for k, v in values.items()])
+        except Exception as e:  # best-effort, like all tracking: the search goes on
+            print(f"[tune] could not log trial metrics to MLflow: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def run_trial(params: dict, ctx: dict) -> None:
     """One Tune trial (runs in a Tune actor): start the TorchTrainer, report through TuneReportCallback."""
     trial_id = tune.get_context().get_trial_id()
@@ -56,7 +78,8 @@ def run_trial(params: dict, ctx: dict) -> None:
                                          for k, v in flat.items()])
         client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     try:
-        result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=[TuneReportCallback()])
+        callbacks = ([ValidationToMlflow(run_id)] if run_id else []) + [TuneReportCallback()]
+        result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=callbacks)
         if result.error is not None:
             raise result.error
     except BaseException as e:  # recorded, then re-raised so Tune marks the trial errored and goes on

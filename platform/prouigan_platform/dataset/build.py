@@ -1,7 +1,7 @@
 """Building a dataset version: which inputs are new, ingest them (Ray Data, or a plain loop for comparison),
 write shards under temporary names, move them into place, write the manifest last.
 
-``pipelines/shard.py`` is the command around it; ``benchmarks/data.py`` times both engines on the same work.
+``commands/shard.py`` is the command around it; ``benchmarks/data.py`` times both engines on the same work.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ class _Tally:
         self.counts.update({k: result[k] for k in ("faces", "quarantined", "labelled")})
         if self.progress:
             c = self.counts
-            self.progress.update(result["inputs"], f"{c['faces']:,} faces, {c['quarantined']:,} quarantined, "
-                                                   f"{c['labelled']:,} labelled by dlib")
+            rate = c["faces"] / max(self.progress.clock() - self.progress.start, 1e-9)
+            self.progress.update(result["inputs"], f"{c['faces']:,} faces ({rate:.1f} faces/s), "
+                                                   f"{c['quarantined']:,} quarantined, {c['labelled']:,} labelled")
 
 
 def _blocks(records: list[dict], kw: dict, shard_max: int, slots: int) -> int:

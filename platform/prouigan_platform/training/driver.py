@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from prouigan.presets import generator_config
 from prouigan_platform import storage
 from prouigan_platform.config import Config, ConfigError, load_config
+from prouigan_platform.dataset.reader import mix_weights
 from prouigan_platform.registry import log_and_register
 from prouigan_platform.runtime import verbose
 from prouigan_platform.tracking import git_commit, log_config
@@ -135,6 +136,10 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
     ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
     -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
     A failed training marks the MLflow run FAILED with the error and raises it."""
+    try:  # a mix that does not fit the dataset: one line here, not a traceback from every worker
+        mix_weights(manifest, "train", cfg.data.source_weights)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.source_weights': {e}") from None
     resume_from = check_resume(cfg)
     if resume_from:
         print(f"[train] run '{cfg.name}' resumes from {resume_from}")

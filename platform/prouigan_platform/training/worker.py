@@ -209,6 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     done = progress(start, cfg.train.steps, elapsed_before, budget_s)  # rank 0's clock decides for all
     last_val: dict | None = None
+    step = start
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             if done >= 1.0:
