@@ -42,7 +42,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="sbs", help="suffix of the run names")
-    ap.add_argument("--skip-train", action="store_true", help="score the checkpoints of an earlier call (scores it already wrote are kept)")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="score the checkpoints of an earlier call (scores it already wrote are kept)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}", flush=True)

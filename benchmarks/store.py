@@ -24,7 +24,6 @@ from prouigan_platform.config import load_config
 from prouigan_platform.dataset.build import build_version
 from prouigan_platform.dataset.sources import list_sources
 from prouigan_platform.runtime import init_ray
-from prouigan_platform.training.driver import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +39,9 @@ def main() -> None:
     saved = dict(os.environ)
     try:
         os.environ.update({k: v for k, v in spec.env().items() if k != "MLFLOW_TRACKING_URI"})
+        # Ray reads its auth settings when first imported: only now, with this stack's token in the environment
+        from prouigan_platform.training.driver import fit
+
         faces = REPO.parent / "shared" / "faces"
         src = f"[{{kind: 300w, path: {faces}}}]" if faces.is_dir() else "[{kind: synthetic, count: 400}]"
         stores = {"local disk (default)": str(tmp / "store"), "S3 test server (old default)": f"s3://{spec.bucket}"}
@@ -51,10 +53,11 @@ def main() -> None:
         _, services = st.load_state(spec.state_dir)
         moto = st.alive(services["s3"])
         rates: dict[str, list[float]] = {n: [] for n in stores}
+        short = dict(zip(stores, ("local", "s3"), strict=True))  # for run names
         moto_cpu: list[float] = []
         for r in range(args.rounds):
             for name, store in stores.items():
-                cfg = load_config("cpu-small", [f"name=bench-store-{r}-{len(rates[name])}-{name[:5].strip()}",
+                cfg = load_config("cpu-small", [f"name=bench-store-{r}-{short[name]}",
                                                 f"train.storage={store}/checkpoints", f"train.steps={args.steps}",
                                                 "train.max_minutes=null", f"train.val_every={args.steps // 3}",
                                                 f"train.checkpoint_every={args.steps // 3}", "train.val_samples=16"])

@@ -156,7 +156,10 @@ def test_resuming_with_another_model_is_a_one_line_config_error(trained):
 
 
 def test_checkpoint_every_is_its_own_rhythm_and_the_console_shows_progress(stack, tmp_path):
+    # two sources, and the last half of the run on source a alone
     common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=rhythm",
+              "data.sources=[{kind: synthetic, count: 24, name: a}, {kind: synthetic, count: 24, name: b}]",
+              "data.source_weights={a: 1, b: 1}", "data.final_source_weights={a: 1, b: 0}", "data.final_fraction=0.5",
               "tracking.experiment=rhythm", "train.num_workers=1", "train.steps=6", "train.val_every=4",
               "train.checkpoint_every=2", "train.keep_best=10"]
     assert _cli(stack, "shard", *common).returncode == 0
@@ -165,6 +168,8 @@ def test_checkpoint_every_is_its_own_rhythm_and_the_console_shows_progress(stack
     assert out.returncode == 0, log[-4000:]
     assert sorted(p.name for p in (tmp_path / "ck" / "rhythm").glob("step_*")) == \
         ["step_0000002", "step_0000004", "step_0000006"]
-    assert "[train] step 6 | step 6/6 (100%)" in log and "samples/s" in log and "ETA" in log
+    assert log.count("[train] step 6 | step 6/6 (100%)") == 1 and "samples/s" in log and "ETA" in log
+    assert log.count("the last 50% of the run reads the final mix {'a': 1.0, 'b': 0.0}") == 1
+    assert "[train] step 4: the last 50%" in log  # progress 3/6 after step 3: step 4 is the first on the final mix
     assert "[val]   step 4 | PSNR" in log and "best PSNR" in log
     assert "INFO worker.py" not in log and "Moving model to device" not in log  # Ray's INFO lines: only --verbose

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prouigan.presets import generator_config
 from prouigan_platform.paths import expand
@@ -90,11 +90,15 @@ class DataConfig(_Section):
     # training mix by source name (as the shard summary prints them): {} reads every source in proportion to its
     # size; otherwise every source of the dataset must be named, and a weight of 0 leaves that source out
     source_weights: dict[str, float] = {}
+    # the end of a run on another mix (the target domain, say): the last `final_fraction` of the steps or of the
+    # time budget reads `final_source_weights` (same rules as source_weights); 0 = off
+    final_source_weights: dict[str, float] = {}
+    final_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     occlusion: OcclusionConfig = OcclusionConfig()
     degradation: DegradationConfig = DegradationConfig()
     heatmap_sigma: float = Field(default=1.5, gt=0.0)  # Gaussian sigma of landmark heatmaps, in 32x32 pixels
 
-    @field_validator("source_weights")
+    @field_validator("source_weights", "final_source_weights")
     @classmethod
     def _weights(cls, v: dict[str, float]) -> dict[str, float]:
         if any(w < 0 for w in v.values()):
@@ -102,6 +106,18 @@ class DataConfig(_Section):
         if v and not any(w > 0 for w in v.values()):
             raise ValueError("at least one source needs a weight above 0")
         return v
+
+    @model_validator(mode="after")
+    def _final_mix(self):
+        if self.final_fraction > 0 and not self.final_source_weights:
+            raise ValueError("final_fraction > 0 needs final_source_weights (the mix the run ends on)")
+        return self
+
+    def mix_at(self, progress: float) -> dict[str, float]:
+        """The source weights at ``progress`` (0..1) of a run."""
+        if self.final_fraction > 0 and progress >= 1.0 - self.final_fraction:
+            return self.final_source_weights
+        return self.source_weights
 
 
 class ModelConfig(_Section):

@@ -136,10 +136,11 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
     ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
     -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
     A failed training marks the MLflow run FAILED with the error and raises it."""
-    try:  # a mix that does not fit the dataset: one line here, not a traceback from every worker
-        mix_weights(manifest, "train", cfg.data.source_weights)
-    except ValueError as e:
-        raise ConfigError(f"config key 'data.source_weights': {e}") from None
+    for key in ("source_weights", "final_source_weights"):
+        try:  # a mix that does not fit the dataset: one line here, not a traceback from every worker
+            mix_weights(manifest, "train", getattr(cfg.data, key))
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.{key}': {e}") from None
     resume_from = check_resume(cfg)
     if resume_from:
         print(f"[train] run '{cfg.name}' resumes from {resume_from}")

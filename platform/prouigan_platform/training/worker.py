@@ -192,9 +192,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     print(f"[train] worker world_rank={rank} of {world} on node {ray.get_runtime_context().get_node_id()} "
           f"pid {os.getpid()}", flush=True)
 
-    train_ds = FaceShards(manifest, "train", cfg.data, rank=rank, world_size=world, seed=cfg.seed + start,
-                          epochs=None)
-    loader = iter(DataLoader(train_ds, batch_size=cfg.train.batch_size, num_workers=1, persistent_workers=True))
+    def train_batches(at_step: int, weights: dict[str, float]):
+        data = cfg.data.model_copy(update={"source_weights": weights})
+        ds = FaceShards(manifest, "train", data, rank=rank, world_size=world, seed=cfg.seed + at_step, epochs=None)
+        return iter(DataLoader(ds, batch_size=cfg.train.batch_size, num_workers=1, persistent_workers=True))
+
     val_loader = DataLoader(FaceShards(manifest, "val", cfg.data, rank=rank, world_size=world,
                                        limit=max(1, cfg.train.val_samples // world)), batch_size=cfg.train.batch_size)
     grid_batch = next(iter(DataLoader(FaceShards(manifest, "val", cfg.data, limit=4), batch_size=4)))
@@ -208,6 +210,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t_last, n_last = t_loop, 0
     budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     done = progress(start, cfg.train.steps, elapsed_before, budget_s)  # rank 0's clock decides for all
+    mix = cfg.data.mix_at(done)
+    loader = train_batches(start, mix)
     last_val: dict | None = None
     step = start
     try:
@@ -218,6 +222,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for pg, lr0 in zip(step_fn.opt_g.param_groups, base_lr, strict=True):
                     pg["lr"] = lr0 * cosine_factor(done)
             step_fn.adversarial = cfg.loss.adversarial > 0 and done >= cfg.train.adversarial_start
+            if cfg.data.mix_at(done) != mix:
+                mix = cfg.data.mix_at(done)
+                del loader  # its reader process ends here
+                loader = train_batches(step, mix)
+                if rank == 0:
+                    print(f"[train] step {step:,}: the last {cfg.data.final_fraction:.0%} of the run reads the final "
+                          f"mix {mix}", flush=True)
             batch = _to(next(loader), device)
             logs = step_fn.step(batch)
             elapsed = elapsed_before + time.time() - t_loop
