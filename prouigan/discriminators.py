@@ -41,13 +41,17 @@ def local_crop_boxes(landmarks: torch.Tensor | None, batch: int, size: int = 128
     centres = torch.stack([landmarks[:, LEFT_EYE].mean(1), landmarks[:, RIGHT_EYE].mean(1),
                            landmarks[:, MOUTH].mean(1)], 1)  # (B, 3, 2)
     pick = torch.randint(0, 3, (batch,), generator=generator)
-    c = centres[torch.arange(batch), pick.to(centres.device)]
-    return (c - crop / 2).round().long().clamp(0, size - crop).cpu()
+    c = centres[torch.arange(batch, device=centres.device), pick.to(centres.device)]
+    return (c - crop / 2).round().long().clamp(0, size - crop)  # on the landmarks' device: no host round trip
 
 
 def crop(images: torch.Tensor, boxes: torch.Tensor, crop: int = 64) -> torch.Tensor:
-    """(B, C, H, W), (B, 2) x/y corners -> (B, C, crop, crop)."""
-    return torch.stack([img[:, y:y + crop, x:x + crop] for img, (x, y) in zip(images, boxes.tolist(), strict=True)])
+    """(B, C, H, W), (B, 2) x/y corners -> (B, C, crop, crop), gathered on the images' device (no host sync)."""
+    boxes = boxes.to(images.device)
+    r = torch.arange(crop, device=images.device)
+    ys, xs = boxes[:, 1, None] + r, boxes[:, 0, None] + r  # (B, crop) each
+    b = torch.arange(len(images), device=images.device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[b, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
 
 
 def build_discriminators(preset: str) -> tuple[PatchDiscriminator, PatchDiscriminator]:

@@ -24,14 +24,34 @@ def cosine_factor(progress: float, floor: float = 0.02) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam with the fused kernel for CUDA parameters, the multi-tensor (foreach) one otherwise."""
+    params = list(params)
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=betas, **({"fused": True} if on_cuda else {"foreach": True}))
+
+
+def crop_boxes(batch: dict) -> torch.Tensor:
+    """Local-discriminator boxes: on an eye or the mouth where a face has landmarks, at random where it has not."""
+    lm, has_lm = batch["landmarks"], batch.get("has_landmarks")
+    boxes = local_crop_boxes(lm, len(lm))
+    if has_lm is None:
+        return boxes
+    random = local_crop_boxes(None, len(lm)).to(boxes.device)
+    return torch.where(has_lm.to(boxes.device)[:, None], boxes, random)  # per face, without asking the device
+
+
 class GANStep:
+    """``step(batch)`` -> the step's losses as detached 0-d tensors: nothing in the step waits for the device, so
+    a GPU is never idle on the host; convert (``float``) only what is printed or logged."""
+
     def __init__(self, generator: nn.Module, d_global: nn.Module, d_local: nn.Module, weights: LossWeights,
                  lr_g: float = 2e-4, lr_d: float = 1e-4, heatmap_sigma: float = 1.5,
                  amp_dtype: torch.dtype | None = None, vgg: VGGFeatures | None = None, grad_clip: float = 1.0):
         self.g, self.d_global, self.d_local = generator, d_global, d_local
         self.weights, self.sigma, self.vgg = weights, heatmap_sigma, vgg
-        self.opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(0.9, 0.99))
-        self.opt_d = torch.optim.Adam([*d_global.parameters(), *d_local.parameters()], lr=lr_d, betas=(0.5, 0.99))
+        self.opt_g = adam(generator.parameters(), lr_g, (0.9, 0.99))
+        self.opt_d = adam([*d_global.parameters(), *d_local.parameters()], lr_d, (0.5, 0.99))
         self.amp_dtype = amp_dtype
         self.adversarial = weights.adversarial > 0
         self.grad_clip = grad_clip  # max gradient norm of G and of the Ds (0: off)
@@ -45,26 +65,27 @@ class GANStep:
         """Ground-truth heatmaps at each stage's prior resolution; zero weight where landmarks are missing."""
         return [heatmaps(batch["landmarks"], r, self.sigma) for r in (16, 32, 64)]
 
-    def step(self, batch: dict) -> dict[str, float]:
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
         lr, hr = batch["lr"], batch["hr"]
         has_lm = batch.get("has_landmarks")
-        boxes = local_crop_boxes(batch["landmarks"] if has_lm is None or bool(has_lm.all()) else None, len(hr))
+        boxes = crop_boxes(batch)
         with self._autocast(hr.device):
             out = self.g(lr)
         # discriminators first, on this step's fakes (detached)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         if self.adversarial:
             self.opt_d.zero_grad(set_to_none=True)
             with self._autocast(hr.device):
                 d_total, d_terms = discriminator_loss(self.d_global, self.d_local, hr, out.final.float(), boxes)
             d_total.backward()
             if self.grad_clip:
-                nn.utils.clip_grad_norm_([*self.d_global.parameters(), *self.d_local.parameters()], self.grad_clip)
+                nn.utils.clip_grad_norm_([*self.d_global.parameters(), *self.d_local.parameters()], self.grad_clip,
+                                         foreach=True)
             self.opt_d.step()
-            logs.update({k: float(v) for k, v in d_terms.items()})
+            logs.update({k: v.detach() for k, v in d_terms.items()})
         self.opt_g.zero_grad(set_to_none=True)
         targets = self.targets(batch) if out.heatmaps else []
-        if targets and has_lm is not None and not bool(has_lm.all()):
+        if targets and has_lm is not None:  # zero weight where a face has no landmarks (a multiply: no sync)
             keep = has_lm.view(-1, 1, 1, 1).to(targets[0].dtype)
             out.heatmaps = [h * keep for h in out.heatmaps]
             targets = [t * keep for t in targets]
@@ -82,10 +103,10 @@ class GANStep:
         for d in (self.d_global, self.d_local):
             d.requires_grad_(True)
         if self.grad_clip:
-            logs["g_grad_norm"] = float(nn.utils.clip_grad_norm_(self.g.parameters(), self.grad_clip))
+            logs["g_grad_norm"] = nn.utils.clip_grad_norm_(self.g.parameters(), self.grad_clip, foreach=True).detach()
         self.opt_g.step()
-        logs.update({k: float(v) for k, v in terms.items()})
-        logs["g_total"] = float(total.detach())
+        logs.update({k: v.detach() for k, v in terms.items()})
+        logs["g_total"] = total.detach()
         return logs
 
     def state_dict(self) -> dict:

@@ -233,3 +233,39 @@ def test_priors_on_pooled_features_keep_every_stages_shapes_and_gradients(prior_
     total.backward()
     missing = [n for n, p in g.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
+
+
+def test_crop_gathers_the_same_pixels_as_slicing_and_stays_differentiable():
+    imgs = torch.rand(5, 3, 128, 128, requires_grad=True)
+    boxes = torch.tensor([[0, 0], [64, 64], [10, 50], [63, 1], [32, 17]])
+    out = crop(imgs, boxes)
+    ref = torch.stack([im[:, y:y + 64, x:x + 64] for im, (x, y) in zip(imgs, boxes.tolist(), strict=True)])
+    assert out.shape == (5, 3, 64, 64) and torch.equal(out, ref)
+    out.sum().backward()
+    assert imgs.grad.sum().item() == 5 * 3 * 64 * 64  # each cropped pixel once
+
+
+def test_a_face_without_landmarks_gets_a_random_box_the_others_keep_theirs():
+    from prouigan.training import crop_boxes
+
+    lm = torch.full((4, 68, 2), 64.0)  # every point at the centre: the eye/mouth box is centred at (32, 32)
+    has = torch.tensor([True, False, True, False])
+    torch.manual_seed(0)
+    boxes = [crop_boxes({"landmarks": lm, "has_landmarks": has}) for _ in range(20)]
+    assert all(b[0].tolist() == [32, 32] and b[2].tolist() == [32, 32] for b in boxes)
+    assert len({tuple(b[1].tolist()) for b in boxes}) > 1 and all(((b >= 0) & (b <= 64)).all() for b in boxes)
+
+
+def test_a_training_step_returns_tensors_and_uses_multi_tensor_adam():
+    from prouigan.training import GANStep
+
+    torch.manual_seed(0)
+    g = ProUIGANGenerator(PRESETS["tiny"])
+    step = GANStep(g, *build_discriminators("tiny"), LossWeights(adversarial=1e-3))
+    assert step.opt_g.defaults["foreach"] and step.opt_d.defaults["foreach"]  # fused is for CUDA parameters
+    lm = torch.rand(2, 68, 2) * 60 + 34
+    logs = step.step({"lr": torch.rand(2, 3, 16, 16), "hr": torch.rand(2, 3, 128, 128), "landmarks": lm,
+                      "has_landmarks": torch.tensor([True, False])})
+    assert {"g_total", "d_global", "d_local", "g_grad_norm", "pixel"} <= set(logs)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+    assert all(torch.isfinite(v) for v in logs.values())

@@ -172,4 +172,5 @@ def test_checkpoint_every_is_its_own_rhythm_and_the_console_shows_progress(stack
     assert log.count("the last 50% of the run reads the final mix {'a': 1.0, 'b': 0.0}") == 1
     assert "[train] step 4: the last 50%" in log  # progress 3/6 after step 3: step 4 is the first on the final mix
     assert "[val]   step 4 | PSNR" in log and "best PSNR" in log
+    assert "Reporting training result" not in log
     assert "INFO worker.py" not in log and "Moving model to device" not in log  # Ray's INFO lines: only --verbose

@@ -35,7 +35,7 @@ def test_cpu_small_learns_a_handful_of_faces_and_beats_bicubic():
     g = ProUIGANGenerator(generator_config("cpu-small"))
     d_g, d_l = build_discriminators("cpu-small")
     trainer = GANStep(g, d_g, d_l, LossWeights(pixel=1.0, heatmap=0.1, adversarial=1e-3), lr_g=2e-3, lr_d=1e-4)
-    logs = [trainer.step(batch) for _ in range(STEPS)]
+    logs = [{k: float(v) for k, v in trainer.step(batch).items()} for _ in range(STEPS)]
     first = {k: np.mean([lg[k] for lg in logs[:5]]) for k in ("pixel", "heatmap")}
     last = {k: np.mean([lg[k] for lg in logs[-5:]]) for k in ("pixel", "heatmap")}
     assert last["pixel"] < 0.4 * first["pixel"], (first, last)

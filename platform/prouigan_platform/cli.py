@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["PROUIGAN_VERBOSE"] = "1"
+    else:  # MLflow's INFO lines and download bars; set before MLflow is imported, which reads them once
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.command in USES_STACK:
             # before Ray or MLflow is imported: Ray reads its auth settings (RAY_AUTH_MODE, the token path) once

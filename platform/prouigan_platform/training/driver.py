@@ -86,7 +86,7 @@ def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | No
         run_config=ray.train.RunConfig(
             name=cfg.name, **storage_args(cfg.train.storage), callbacks=callbacks or None,
             # Ray Train's own lines (resources, process groups, devices) only with --verbose; ours are prints
-            logging_config=ray.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
                                                          checkpoint_score_attribute="val_psnr",

@@ -10,6 +10,7 @@ Rank 0 prints one progress line every ~30 s and one per validation.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ from prouigan_platform.config import Config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import FaceShards
 from prouigan_platform.progress import fmt_duration
+from prouigan_platform.runtime import verbose
 from prouigan_platform.tracking import BackgroundLogger
 
 CHECKPOINT_FILE = "state.pt"
@@ -129,8 +131,9 @@ class ProgressPrinter:
         where = (f"{elapsed_s / 60:.1f}/{t.max_minutes:g} min" if t.max_minutes and done > step / t.steps
                  else f"step {step:,}/{t.steps:,}")
         eta = (now - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
-        d = logs.get("d_global", logs.get("d_total"))
-        print(f"[train] step {step:,} | {where} ({done:.0%}) | {rate:.1f} samples/s | G {logs.get('g_total', 0):.4f}"
+        d = logs.get("d_global", logs.get("d_total"))  # 0-d tensors: read only here, every ~30 s
+        d, g = (None if d is None else float(d)), float(logs.get("g_total", 0))
+        print(f"[train] step {step:,} | {where} ({done:.0%}) | {rate:.1f} samples/s | G {g:.4f}"
               + (f" D {d:.4f}" if d is not None else "") + f" | lr {lr:.2e} | ETA "
               + (fmt_duration(eta) if eta == eta else "-"), flush=True)
 
@@ -153,8 +156,18 @@ def _restore(cfg: Config):
     return generator_config(cfg.model.preset, cfg.model.overrides), None
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report at INFO ("Reporting training result N: TrainingReport(...)") through a logger
+    named after its file, which RunConfig's LoggingConfig (it filters ``ray.train.*`` names) does not reach."""
+    from ray.train.v2._internal.execution import context  # private: the logger's name is this file's path
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
+    if not verbose():
+        _quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -239,7 +252,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if printer is not None:
                 printer.step(step, done, logs, step_fn.opt_g.param_groups[0]["lr"], elapsed, force=last)
             if tracker is not None and (step % 10 == 0 or step == start + 1):
-                tracker.log_metrics({f"train/{k}": v for k, v in logs.items()}, step)
+                tracker.log_metrics({f"train/{k}": float(v) for k, v in logs.items()}, step)
             validating = step % cfg.train.val_every == 0 or last
             checkpointing = step % cfg.train.checkpoint_every == 0 or last
             if validating or (checkpointing and last_val is None):
@@ -251,7 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             dt = time.time() - t_last
             metrics = {**last_val, "step": step, "samples_per_s": n_last / max(dt, 1e-9),
-                       **{f"train_{k}": v for k, v in logs.items()}}
+                       **{f"train_{k}": float(v) for k, v in logs.items()}}
             t_last, n_last = time.time(), 0
             if not checkpointing:
                 ray.train.report(metrics)
