@@ -136,9 +136,10 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
     ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
     -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
     A failed training marks the MLflow run FAILED with the error and raises it."""
-    for key in ("source_weights", "final_source_weights"):
+    for key, weights in (("source_weights", cfg.data.source_weights),
+                         ("final_source_weights", cfg.data.final_source_weights)):
         try:  # a mix that does not fit the dataset: one line here, not a traceback from every worker
-            mix_weights(manifest, "train", getattr(cfg.data, key))
+            mix_weights(manifest, "train", weights)
         except ValueError as e:
             raise ConfigError(f"config key 'data.{key}': {e}") from None
     resume_from = check_resume(cfg)
