@@ -105,7 +105,11 @@ def cluster(stack, tmp_path_factory):
     env.update(RAY_raylet_start_wait_time_s="180", RAY_agent_register_timeout_ms="180000")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # nodes run the venv's python
     c = TwoNodes(tmp_path_factory.mktemp("ray2"), env)
+    # the Jobs SDK lets RAY_ADDRESS (the session stack's, exported for the CLI) override the address it is given;
+    # RAY_API_SERVER_ADDRESS comes before both
+    os.environ["RAY_API_SERVER_ADDRESS"] = c.dash
     yield c
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     c.stop()
 
 
