@@ -169,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["PROUIGAN_VERBOSE"] = "1"
-    else:  # MLflow's INFO lines and download bars; set before MLflow is imported, which reads them once
+    else:  # MLflow's and Ray Data's INFO lines, MLflow's download bars: read when those libraries are imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     try:
         if args.command in USES_STACK:
             # before Ray or MLflow is imported: Ray reads its auth settings (RAY_AUTH_MODE, the token path) once
