@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from prouigan_platform.config import apply_overrides, validate
 from prouigan_platform.paths import state_dir
-from prouigan_platform.training.driver import fit, storage_args
+from prouigan_platform.training.driver import check_mix, fit, storage_args
 
 
 def _key(dotted: str) -> str:
@@ -79,7 +79,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     try:
         callbacks = ([ValidationToMlflow(run_id)] if run_id else []) + [TuneReportCallback()]
-        result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=callbacks)
+        result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=callbacks, validation_logged=bool(run_id))
         if result.error is not None:
             raise result.error
     except BaseException as e:  # recorded, then re-raised so Tune marks the trial errored and goes on
@@ -129,6 +129,7 @@ def baseline_point(cfg, storage) -> list[dict] | None:
 
 def search(cfg, manifest: dict, parent_run_id: str | None, experiment_id: str | None):
     """Run the Tuner; -> (ResultGrid, number of reports a full trial makes)."""
+    check_mix(cfg, manifest)
     space = {_key(k): (tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high))
              for k, r in cfg.tune.space.items()}
     reports = math.ceil(cfg.train.steps / cfg.train.val_every)

@@ -71,15 +71,27 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | None = None, init: dict | None = None):
+def check_mix(cfg: Config, manifest: dict) -> None:
+    """A source mix that does not fit the dataset: one config error here, not a traceback from every worker."""
+    for key, weights in (("source_weights", cfg.data.source_weights),
+                         ("final_source_weights", cfg.data.final_source_weights)):
+        try:
+            mix_weights(manifest, "train", weights)
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.{key}': {e}") from None
+
+
+def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | None = None, init: dict | None = None,
+        validation_logged: bool = False):
     """Build and run the TorchTrainer for a resolved config; -> ray.train.Result.
-    ``callbacks``: Ray Train callbacks (`prouigan tune` passes Tune's report callback).
+    ``callbacks``: Ray Train callbacks (`prouigan tune` passes Tune's report callback, and one that logs the
+    validation scores, so ``validation_logged`` keeps rank 0 from logging them again).
     ``init``: {"from": MODEL, "generator": state dict} to fine-tune from (used when there is no checkpoint)."""
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest_uri,
                            "mlflow_run_id": run_id, "init_generator": (init or {}).get("generator"),
-                           "init_from": (init or {}).get("from")},
+                           "init_from": (init or {}).get("from"), "validation_logged": validation_logged},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                                placement_strategy=cfg.train.placement_strategy),
@@ -136,12 +148,7 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
     ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
     -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
     A failed training marks the MLflow run FAILED with the error and raises it."""
-    for key, weights in (("source_weights", cfg.data.source_weights),
-                         ("final_source_weights", cfg.data.final_source_weights)):
-        try:  # a mix that does not fit the dataset: one line here, not a traceback from every worker
-            mix_weights(manifest, "train", weights)
-        except ValueError as e:
-            raise ConfigError(f"config key 'data.{key}': {e}") from None
+    check_mix(cfg, manifest)
     resume_from = check_resume(cfg)
     if resume_from:
         print(f"[train] run '{cfg.name}' resumes from {resume_from}")

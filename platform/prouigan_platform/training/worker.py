@@ -235,8 +235,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for pg, lr0 in zip(step_fn.opt_g.param_groups, base_lr, strict=True):
                     pg["lr"] = lr0 * cosine_factor(done)
             step_fn.adversarial = cfg.loss.adversarial > 0 and done >= cfg.train.adversarial_start
-            if cfg.data.mix_at(done) != mix:
-                mix = cfg.data.mix_at(done)
+            if (now_mix := cfg.data.mix_at(done)) != mix:
+                mix = now_mix
                 del loader  # its reader process ends here
                 loader = train_batches(step, mix)
                 if rank == 0:
@@ -280,7 +280,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             else:
                 ray.train.report(metrics)
             if tracker is not None and validating:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                # a Tune trial's validation scores are logged by its driver-side callback (search.py): not twice
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"
+                                     and not (loop_config.get("validation_logged") and k.startswith("val_"))}, step)
                 tracker.log_image(image_grid(g, grid_batch, device), f"val_grid_step_{step:07d}.png", "grids")
             if last:
                 break
