@@ -38,6 +38,8 @@ def test_extends_merges_files(tmp_path):
     (["model.overrides.width=3"], "unknown generator field(s) ['width']"),
     (["data.occlusion.kinds=[laser]"], "config key 'data.occlusion.kinds.0'"),
     (["noequals"], "not of the form key=value"),
+    (["data.final_fraction=0.3"], "final_fraction > 0 needs final_source_weights"),
+    (["data.final_source_weights={a: -1}"], "config key 'data.final_source_weights"),
 ])
 def test_bad_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as e:
