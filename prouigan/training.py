@@ -8,6 +8,7 @@ directly.  Batches are dicts of tensors:
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -31,6 +32,50 @@ def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=betas, **({"fused": True} if on_cuda else {"foreach": True}))
 
 
+class Compiled:
+    """``fn`` through ``torch.compile(mode=...)``, falling back to ``fn`` itself when compiling fails.
+
+    torch.compile fails lazily, on the first call (no C++ compiler, no Triton, an op Inductor cannot lower):
+    that call warns once and runs eager, and so does every later one.  An error after the compiled path has run
+    once is a real error and is raised.  ``mode=None`` is plain eager.
+    """
+
+    def __init__(self, fn, mode: str | None, name: str = "module", backend: str = "inductor"):
+        self.fn, self.name, self.mode = fn, name, mode
+        self.compiled = None if mode is None else torch.compile(fn, mode=None if mode == "default" else mode,
+                                                                backend=backend)
+        self.proven = False  # the compiled path has returned once
+        self.fallback_reason: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                out = self.compiled(*args, **kwargs)
+                self.proven = True
+                return out
+            except Exception as e:
+                if self.proven:
+                    raise
+                self.compiled = None
+                self.fallback_reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                warnings.warn(f"torch.compile of the {self.name} failed, running it eager: {self.fallback_reason}",
+                              RuntimeWarning, stacklevel=2)
+        return self.fn(*args, **kwargs)
+
+    @property
+    def running(self) -> str:
+        """What runs now: 'eager', 'compiled' or 'compiled (not run yet)'."""
+        if self.compiled is None:
+            return "eager"
+        return "compiled" if self.proven else "compiled (not run yet)"
+
+
+def channels_last(*modules: nn.Module) -> None:
+    """Convolution weights in NHWC, the layout cuDNN's tensor-core kernels read without a transpose."""
+    for m in modules:
+        m.to(memory_format=torch.channels_last)
+
+
 def crop_boxes(batch: dict) -> torch.Tensor:
     """Local-discriminator boxes: on an eye or the mouth where a face has landmarks, at random where it has not."""
     lm, has_lm = batch["landmarks"], batch.get("has_landmarks")
@@ -47,8 +92,14 @@ class GANStep:
 
     def __init__(self, generator: nn.Module, d_global: nn.Module, d_local: nn.Module, weights: LossWeights,
                  lr_g: float = 2e-4, lr_d: float = 1e-4, heatmap_sigma: float = 1.5,
-                 amp_dtype: torch.dtype | None = None, vgg: VGGFeatures | None = None, grad_clip: float = 1.0):
+                 amp_dtype: torch.dtype | None = None, vgg: VGGFeatures | None = None, grad_clip: float = 1.0,
+                 compile_mode: str | None = None, compile_backend: str = "inductor"):
         self.g, self.d_global, self.d_local = generator, d_global, d_local
+        # the forwards the step runs, compiled when asked (the modules themselves stay as given: their state
+        # dicts, DDP wrappers and optimizers do not change); G's side judges through the bare discriminators
+        self.forwards = {name: Compiled(m, compile_mode, name, compile_backend) for name, m in (
+            ("generator", generator), ("global discriminator", d_global), ("local discriminator", d_local),
+            ("bare global discriminator", unwrap(d_global)), ("bare local discriminator", unwrap(d_local)))}
         self.weights, self.sigma, self.vgg = weights, heatmap_sigma, vgg
         self.opt_g = adam(generator.parameters(), lr_g, (0.9, 0.99))
         self.opt_d = adam([*d_global.parameters(), *d_local.parameters()], lr_d, (0.5, 0.99))
@@ -69,14 +120,16 @@ class GANStep:
         lr, hr = batch["lr"], batch["hr"]
         has_lm = batch.get("has_landmarks")
         boxes = crop_boxes(batch)
+        fw = self.forwards
         with self._autocast(hr.device):
-            out = self.g(lr)
+            out = fw["generator"](lr)
         # discriminators first, on this step's fakes (detached)
         logs: dict[str, torch.Tensor] = {}
         if self.adversarial:
             self.opt_d.zero_grad(set_to_none=True)
             with self._autocast(hr.device):
-                d_total, d_terms = discriminator_loss(self.d_global, self.d_local, hr, out.final.float(), boxes)
+                d_total, d_terms = discriminator_loss(fw["global discriminator"], fw["local discriminator"], hr,
+                                                      out.final.float(), boxes)
             d_total.backward()
             if self.grad_clip:
                 nn.utils.clip_grad_norm_([*self.d_global.parameters(), *self.d_local.parameters()], self.grad_clip,
@@ -94,8 +147,8 @@ class GANStep:
             # gradients for D's own (frozen here) parameters
             total, terms = generator_loss(
                 out, hr, targets, self.weights,
-                unwrap(self.d_global) if self.adversarial else None,
-                unwrap(self.d_local) if self.adversarial else None, boxes, self.vgg)
+                fw["bare global discriminator"] if self.adversarial else None,
+                fw["bare local discriminator"] if self.adversarial else None, boxes, self.vgg)
         # D's parameters get no grad from the G step
         for d in (self.d_global, self.d_local):
             d.requires_grad_(False)

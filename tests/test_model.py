@@ -269,3 +269,90 @@ def test_a_training_step_returns_tensors_and_uses_multi_tensor_adam():
     assert {"g_total", "d_global", "d_local", "g_grad_norm", "pixel"} <= set(logs)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in logs.values())
     assert all(torch.isfinite(v) for v in logs.values())
+
+
+def _tiny_step(**kw):
+    from prouigan.training import GANStep
+
+    torch.manual_seed(0)
+    return GANStep(ProUIGANGenerator(PRESETS["tiny"]), *build_discriminators("tiny"), LossWeights(adversarial=1e-3),
+                   **kw)
+
+
+def _batch(n=2, nhwc=False):
+    g = torch.Generator().manual_seed(1)
+    b = {"lr": torch.rand(n, 3, 16, 16, generator=g), "hr": torch.rand(n, 3, 128, 128, generator=g),
+         "landmarks": torch.rand(n, 68, 2, generator=g) * 60 + 34, "has_landmarks": torch.tensor([True, False])}
+    if nhwc:
+        b.update({k: b[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")})
+    return b
+
+
+def test_a_compile_failure_warns_once_and_the_step_runs_eager_with_the_same_losses():
+    """torch.compile fails on the first call where the machine cannot compile: the step must go on, eager."""
+    torch._dynamo.reset()
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    eager = _tiny_step().step(_batch())
+    step = _tiny_step(compile_mode="default", compile_backend=broken_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the generator failed, running it eager"):
+        logs = step.step(_batch())
+    fw = step.forwards["generator"]
+    assert fw.running == "eager" and "no C++ compiler" in fw.fallback_reason
+    assert all(torch.allclose(logs[k], eager[k]) for k in eager)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: later steps go straight to eager
+        step.step(_batch())
+
+
+def test_an_error_after_the_compiled_path_ran_is_raised_not_hidden():
+    from prouigan.training import Compiled
+
+    calls = {"n": 0}
+
+    def fn(x):
+        calls["n"] += 1
+        return x * 2
+
+    c = Compiled(fn, "default", "fn", backend="eager")
+    assert torch.equal(c(torch.ones(3)), torch.full((3,), 2.0)) and c.running == "compiled"
+    with pytest.raises(TypeError, match="positional argument"):
+        c(torch.ones(3), torch.ones(2))  # a real error (wrong arguments) after success: raised
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # inductor: ~2 min
+def test_a_compiled_step_gives_the_eager_steps_losses(backend):
+    """Dynamo traces G and both Ds (``eager``: the graphs as captured; ``inductor``: real generated C++ code on
+    CPU) and the step's losses match the eager step's."""
+    torch._dynamo.reset()
+    eager = _tiny_step()
+    compiled = _tiny_step(compile_mode="default", compile_backend=backend)
+    for i in range(2):  # the second step runs after an optimizer update: the compiled graphs see new weights
+        torch.manual_seed(10 + i)  # the same random crop box for the face without landmarks
+        want = eager.step(_batch())
+        torch.manual_seed(10 + i)
+        got = compiled.step(_batch())
+    assert compiled.forwards["generator"].running == "compiled", compiled.forwards["generator"].fallback_reason
+    assert all(f.running == "compiled" for f in compiled.forwards.values())
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-3, atol=1e-4), (k, got[k], want[k])
+
+
+def test_channels_last_changes_the_layout_not_the_result():
+    from prouigan.training import channels_last
+
+    eager = _tiny_step()
+    nhwc = _tiny_step()
+    channels_last(nhwc.g, nhwc.d_global, nhwc.d_local)
+    conv = next(m for m in nhwc.g.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    torch.manual_seed(10)
+    want = eager.step(_batch())
+    torch.manual_seed(10)
+    got = nhwc.step(_batch(nhwc=True))
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5), (k, got[k], want[k])

@@ -131,12 +131,14 @@ def test_progress_takes_the_step_count_or_the_time_budget_whichever_comes_first(
 
 def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     """train.max_minutes stops a run that would take 100000 steps; the last step is validated and checkpointed,
-    with the cosine schedule and the late discriminators on the way."""
+    with the cosine schedule and the late discriminators on the way; the two workers agree on the budget every 3
+    steps, in NHWC, on batches occluded in the worker."""
     import torch
 
     common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=budget",
               "tracking.experiment=budget", "train.num_workers=2", "train.steps=100000", "train.val_every=5",
-              "train.max_minutes=0.3", "train.lr_schedule=cosine", "train.adversarial_start=0.5"]
+              "train.max_minutes=0.3", "train.lr_schedule=cosine", "train.adversarial_start=0.5",
+              "train.sync_every=3", "train.channels_last=true", "data.occlusion.on_device=true"]
     assert _cli(stack, "shard", *common).returncode == 0
     out = _cli(stack, "train", *common)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -144,6 +146,23 @@ def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     assert steps and 0 < steps[-1] < 100000
     state = torch.load(tmp_path / "ck" / "budget" / f"step_{steps[-1]:07d}" / "state.pt", weights_only=True)
     assert state["step"] == steps[-1] and 18 <= state["elapsed_s"] < 120
+    assert "world_rank=1" in out.stdout + out.stderr
+
+
+@pytest.mark.slow  # Inductor compiles G and both Ds in each worker: minutes on 2 cores
+def test_a_compiled_run_on_two_workers_says_what_runs_compiled(stack, tmp_path):
+    """train.compile under DDP (gloo) on CPU, Inductor generating C++: the run trains, checkpoints, and the console
+    says which forwards run compiled (or why one fell back)."""
+    common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=compiled",
+              "tracking.experiment=compiled", "train.num_workers=2", "train.steps=3", "train.val_every=3",
+              "train.compile=default"]
+    assert _cli(stack, "shard", *common).returncode == 0
+    out = _cli(stack, "train", *common)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    line = next(x for x in log.splitlines() if "[train] torch.compile (default):" in x)
+    assert "generator compiled," in line and "global discriminator compiled" in line, line
+    assert (tmp_path / "ck" / "compiled" / "step_0000003").exists()
 
 
 def test_resuming_with_another_model_is_a_one_line_config_error(trained):
@@ -174,3 +193,66 @@ def test_checkpoint_every_is_its_own_rhythm_and_the_console_shows_progress(stack
     assert "[val]   step 4 | PSNR" in log and "best PSNR" in log
     assert "Reporting training result" not in log
     assert "INFO worker.py" not in log and "Moving model to device" not in log  # Ray's INFO lines: only --verbose
+
+
+def test_the_budget_clock_broadcasts_every_few_steps_and_every_rank_gets_the_same_progress():
+    """Two ranks with clocks that disagree (rank 1 runs 30% slow) take rank 0's value every 5 steps and
+    extrapolate the same in between, so they stop on the same step; a broadcast is a sync, so it is rare."""
+    from prouigan_platform.training.worker import BudgetClock
+
+    shared: dict[int, float] = {}
+
+    def broadcast_for(rank):
+        def broadcast(value):  # what dist.broadcast(src=0) gives: rank 0 writes, everyone reads rank 0's value
+            if rank == 0:
+                shared[len(calls[0])] = value
+            calls[rank].append(value)
+            return shared[len(calls[rank]) - 1]
+        return broadcast
+
+    calls = {0: [], 1: []}
+    clocks = [BudgetClock(10_000, 60.0, every=5, broadcast=broadcast_for(r)) for r in (0, 1)]
+    seen = {0: [], 1: []}
+    for step in range(0, 200):
+        for rank, slow in ((0, 1.0), (1, 1.3)):  # rank 0 first, as a broadcast from it would order them
+            seen[rank].append(clocks[rank](step, step * 0.4 * slow))  # 0.4 s a step: the budget ends at step 150
+    assert seen[0] == seen[1]
+    stop = next(i for i, d in enumerate(seen[0]) if d >= 1.0)
+    assert 145 <= stop <= 155, stop
+    assert len(calls[0]) == 40 and clocks[0].broadcasts == 40  # every 5th step, not every step
+    assert all(b >= a for a, b in zip(seen[0], seen[0][1:], strict=False))  # progress never goes back
+
+    # rank 0 speeds up 3x at step 52: the extrapolation runs ahead of the next broadcast, and progress holds
+    # still until the clock catches up instead of going back (a schedule or the final mix must not switch back)
+    clock = BudgetClock(10_000, 200.0, every=5, broadcast=lambda v: v)
+    elapsed = [1.2 * s if s < 52 else 1.2 * 52 + 0.4 * (s - 52) for s in range(100)]
+    out = [clock(s, elapsed[s]) for s in range(100)]
+    assert all(b >= a for a, b in zip(out, out[1:], strict=False))
+    assert out[55] == out[54] > elapsed[55] / 200  # held at the extrapolated value, ahead of the clock
+    assert out[99] == pytest.approx(elapsed[99] / 200, abs=0.01)  # and caught up since
+
+
+def test_the_budget_clock_of_one_process_reads_its_own_clock_every_step():
+    from prouigan_platform.training.worker import BudgetClock
+
+    clock = BudgetClock(100, 60.0, every=10)
+    assert clock(1, 30.0) == 0.5 and clock(2, 45.0) == 0.75 and clock.broadcasts == 0
+    assert BudgetClock(10, None, every=10, broadcast=lambda v: 0.0)(5, 999.0) == 0.5  # no budget: by steps
+
+
+def test_the_step_benchmark_runs_its_whole_table_on_cpu(stack, tmp_path):
+    """benchmarks/step.py is what a lent GPU runs first: every row kind (eager and compiled, data out, data in
+    from the reader, occluded on the device) must work before device time is spent on it."""
+    common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", "name=step-bench"]
+    assert _cli(stack, "shard", *common).returncode == 0
+    manifest = next((tmp_path / "ds" / "manifests").glob("v*.json"))
+    out = subprocess.run([sys.executable, "benchmarks/step.py", "--device", "cpu", "--preset", "tiny", "--batches",
+                          "4", "--steps", "2", "--compile-backend", "eager", "--dataset", str(manifest),
+                          "--readers", "1", "--reader-seconds", "1"], cwd=REPO, env={**os.environ, **stack.env()},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("4 ")]
+    assert [(r[2], r[3]) for r in rows] == [("eager", "out"), ("default", "out"), (rows[2][2], "in"),
+                                            (rows[2][2], "dev")], out.stdout
+    assert all(float(r[4]) > 0 and r[-1] == "True" for r in rows), out.stdout
+    assert "GFLOP per sample" in out.stdout and out.stdout.count("data path alone") == 2

@@ -64,6 +64,9 @@ class OcclusionConfig(_Section):
     ]
     coverage: tuple[float, float] = (0.1, 0.35)  # fraction of the 128x128 face hidden
     probability: float = Field(default=1.0, ge=0.0, le=1.0)  # chance a training face is occluded at all
+    # training faces occluded and degraded a batch at a time on the training device (prouigan.batched_occlusion)
+    # instead of one by one in the reader processes; val and test faces keep their seeded per-sample occlusions
+    on_device: bool = False
 
     @field_validator("coverage")
     @classmethod
@@ -111,6 +114,8 @@ class DataConfig(_Section):
     def _final_mix(self):
         if self.final_fraction > 0 and not self.final_source_weights:
             raise ValueError("final_fraction > 0 needs final_source_weights (the mix the run ends on)")
+        if self.occlusion.on_device and self.degradation.jpeg_quality is not None:
+            raise ValueError("occlusion.on_device has no JPEG round trip: drop degradation.jpeg_quality or on_device")
         return self
 
     def mix_at(self, progress: float) -> dict[str, float]:
@@ -149,6 +154,10 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: G's lr decays to 2% over the run
     adversarial_start: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of the run before the Ds join
     bf16: bool = True  # autocast on GPU only
+    # torch.compile of G and both Ds ("reduce-overhead" adds CUDA graphs); a compile failure warns and runs eager
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    channels_last: bool = False  # NHWC weights and images (tensor-core convolutions on GPU)
+    sync_every: int = Field(default=10, ge=1)  # steps between the workers' agreements on the wall-time budget
     val_every: int = Field(default=250, ge=1)
     val_samples: int = Field(default=64, ge=1)
     checkpoint_every: int = Field(default=250, ge=1)

@@ -2,7 +2,8 @@
 
 Each Ray Train worker (rank r of w) and each of its DataLoader processes reads a disjoint part: whole shards
 when there are enough of them, else a hash of the sample key picks the reader.  Train examples get a random
-occlusion (from ``prouigan.occlusion``) and degradation every time they are read, through a shuffle buffer;
+occlusion (from ``prouigan.occlusion``) and degradation every time they are read, through a shuffle buffer
+(or, with ``data.occlusion.on_device``, come out clean for the training device to occlude a batch at a time);
 val/test examples get the occlusion seeded by their key, identical on every run and machine.  Occlusions are
 never baked into the shards.  A corrupt or truncated shard is skipped with a warning and counted.
 
@@ -37,20 +38,26 @@ def _owner(key: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"reader:{key}".encode()).digest()[:4], "big") % n
 
 
-def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, occlude: bool = True) -> dict:
+def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, occlude: bool = True,
+                 augment: bool = True) -> dict:
     """A shard sample (png + json bytes) -> tensors: lr (3,16,16), hr (3,128,128), mask (1,128,128),
-    landmarks (68,2) face pixels (zeros when the source had none), has_landmarks, key."""
+    landmarks (68,2) face pixels (zeros when the source had none), has_landmarks, key.  ``augment=False``: the
+    clean face only (lr and mask zeros), for occlusion and degradation on the training device."""
     hr = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), np.float32) / 255.0
     meta = json.loads(sample["json"])
     lm = meta.get("landmarks68")
     lm_arr = np.asarray(lm, np.float32) if lm is not None else None
-    if occlude and rng.random() < data.occlusion.probability:
+    if not augment:
+        size = hr.shape[0]
+        occluded, mask, lr = hr, np.zeros(hr.shape[:2], np.float32), torch.zeros(3, size // 8, size // 8)
+    elif occlude and rng.random() < data.occlusion.probability:
         occ = synthesize(rng, lm_arr, data.occlusion.kinds, tuple(data.occlusion.coverage), size=hr.shape[0])
         occluded, mask = occ.apply(hr), occ.mask
     else:
         occluded, mask = hr, np.zeros(hr.shape[:2], np.float32)
-    lr = degrade(torch.from_numpy(np.ascontiguousarray(occluded)).permute(2, 0, 1), rng,
-                 data.degradation.noise_std, data.degradation.jpeg_quality)
+    if augment:
+        lr = degrade(torch.from_numpy(np.ascontiguousarray(occluded)).permute(2, 0, 1), rng,
+                     data.degradation.noise_std, data.degradation.jpeg_quality)
     return {
         "lr": lr,
         "hr": torch.from_numpy(hr.copy()).permute(2, 0, 1),
@@ -213,7 +220,7 @@ class FaceShards(torch.utils.data.IterableDataset):
         for s in samples:
             ex_rng = rng if self.train else np.random.default_rng(seed_from_key(s["__key__"]))
             try:
-                ex = make_example(s, ex_rng, self.data, occlude=True)
+                ex = make_example(s, ex_rng, self.data, augment=not (self.train and self.data.occlusion.on_device))
             except Exception as e:
                 self.stats["bad_samples"] += 1
                 warnings.warn(f"skipping sample {s.get('__key__')}: {type(e).__name__}: {e}", RuntimeWarning,

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from prouigan import LossWeights, ProUIGANGenerator, build_discriminators
+from prouigan.batched_occlusion import occlude_and_degrade
 from prouigan.generator import unwrap
 from prouigan.inference import generator_state
 from prouigan.landmarks import nme, soft_argmax
 from prouigan.losses import perceptual_network
 from prouigan.metrics import masked_psnr, psnr, ssim
 from prouigan.presets import GeneratorConfig, generator_config
-from prouigan.training import GANStep, cosine_factor
+from prouigan.training import GANStep, channels_last, cosine_factor
 from prouigan_platform.config import Config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import FaceShards
@@ -46,6 +47,10 @@ PROGRESS_EVERY_S = 30.0
 
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def nhwc(batch: dict) -> dict:
+    return {**batch, **{k: batch[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")}}
 
 
 def validate(generator, loader, device, sigma: float) -> dict[str, float]:
@@ -94,18 +99,51 @@ def image_grid(generator, batch: dict, device, n: int = 4) -> np.ndarray:
 
 
 def progress(step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
-    """How far the run is, 0..1: by steps, or by the wall-time budget when that comes first.  Under DDP every
-    rank takes rank 0's value (broadcast), so all stop on the same step and schedules agree."""
+    """How far the run is on one process, 0..1: by steps, or by the wall-time budget when that comes first."""
     done = step / steps
-    if budget_s is not None:
-        done = max(done, elapsed_s / budget_s)
-        if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([done], dtype=torch.float64)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
-            dist.broadcast(t, src=0)
-            done = float(t[0])
-    return done
+    return max(done, elapsed_s / budget_s) if budget_s is not None else done
+
+
+def broadcast_from_rank0(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return float(t[0])
+
+
+class BudgetClock:
+    """``clock(step, elapsed_s)`` -> how far the run is, 0..1, the same on every rank.
+
+    Under DDP all ranks must stop on the same step and run the same schedules, so they take rank 0's clock
+    (``broadcast``), but only every ``every`` steps: a broadcast waits for every rank's host, and under NCCL for
+    the device too.  In between, each rank extrapolates from the last two broadcasts: the same arithmetic on the
+    same numbers, so the ranks still agree.  Without a broadcast (one process) it reads its own clock each step.
+    """
+
+    def __init__(self, steps: int, budget_s: float | None, every: int = 10, broadcast=None):
+        self.steps, self.budget_s, self.every, self.broadcast = steps, budget_s, every, broadcast
+        self.last: tuple[int, float] | None = None  # (step, done) of the last broadcast
+        self.rate = 0.0  # progress per step between the last two broadcasts
+        self.broadcasts = 0
+        self.done = 0.0
+
+    def __call__(self, step: int, elapsed_s: float) -> float:
+        local = progress(step, self.steps, elapsed_s, self.budget_s)
+        if self.budget_s is None or self.broadcast is None:
+            return local
+        if self.last is None or step - self.last[0] >= self.every:
+            done = self.broadcast(local)
+            self.broadcasts += 1
+            if self.last is not None and step > self.last[0]:
+                self.rate = max(0.0, (done - self.last[1]) / (step - self.last[0]))
+            self.last = (step, done)
+        else:
+            done = max(step / self.steps, self.last[1] + (step - self.last[0]) * self.rate)
+        # never backwards (an extrapolation can run ahead of the next broadcast): a schedule or the final mix
+        # must not switch back
+        self.done = max(self.done, done)
+        return self.done
 
 
 def _state(module) -> dict:
@@ -183,10 +221,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     vgg, vgg_msg = perceptual_network(weights, cfg.loss.vgg_weights)
     if vgg is not None:
         vgg = vgg.to(device)
+    if cfg.train.channels_last:
+        channels_last(g, d_global, d_local)
     g, d_global, d_local = (ray.train.torch.prepare_model(m) for m in (g, d_global, d_local))
     amp = torch.bfloat16 if (device.type == "cuda" and cfg.train.bf16) else None
     step_fn = GANStep(g, d_global, d_local, weights, cfg.train.lr_g, cfg.train.lr_d, cfg.data.heatmap_sigma,
-                      amp_dtype=amp, vgg=vgg)
+                      amp_dtype=amp, vgg=vgg, compile_mode=None if cfg.train.compile == "off" else cfg.train.compile)
     start, elapsed_before = 0, 0.0
     if state is not None:
         for module, key in ((g, "generator"), (d_global, "d_global"), (d_local, "d_local")):
@@ -219,10 +259,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker = BackgroundLogger(loop_config["mlflow_run_id"])
     printer = ProgressPrinter(cfg, start, world) if rank == 0 else None
     base_lr = [pg["lr"] for pg in step_fn.opt_g.param_groups]
+    occ = cfg.data.occlusion
+    aug_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + start)
     t_loop = time.time()
     t_last, n_last = t_loop, 0
     budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
-    done = progress(start, cfg.train.steps, elapsed_before, budget_s)  # rank 0's clock decides for all
+    clock = BudgetClock(cfg.train.steps, budget_s, cfg.train.sync_every,
+                        broadcast_from_rank0 if dist.is_available() and dist.is_initialized() else None)
+    done = clock(start, elapsed_before)  # rank 0's clock decides for all
     mix = cfg.data.mix_at(done)
     loader = train_batches(start, mix)
     last_val: dict | None = None
@@ -243,10 +287,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     print(f"[train] step {step:,}: the last {cfg.data.final_fraction:.0%} of the run reads the final "
                           f"mix {mix}", flush=True)
             batch = _to(next(loader), device)
+            if occ.on_device:  # the reader sent clean faces: occlude and degrade the batch here
+                batch = occlude_and_degrade(batch, aug_rng, occ.kinds, tuple(occ.coverage), occ.probability,
+                                            cfg.data.degradation.noise_std)
+            if cfg.train.channels_last:
+                batch = nhwc(batch)
             logs = step_fn.step(batch)
+            if step == start + 1 and rank == 0 and cfg.train.compile != "off":
+                print(f"[train] torch.compile ({cfg.train.compile}): " + ", ".join(
+                    f"{name} {fw.running}" for name, fw in step_fn.forwards.items()), flush=True)
             elapsed = elapsed_before + time.time() - t_loop
-            # one broadcast per step: this progress ends the run here or drives the next step's schedule
-            done = progress(step, cfg.train.steps, elapsed, budget_s)
+            # this progress ends the run here or drives the next step's schedule, on every rank alike
+            done = clock(step, elapsed)
             last = step == cfg.train.steps or done >= 1.0
             n_last += len(batch["lr"]) * world
             if printer is not None:
