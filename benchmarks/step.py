@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from prouigan import LossWeights, ProUIGANGenerator, build_discriminators, generator_config  # noqa: E402
-from prouigan.training import GANStep, channels_last  # noqa: E402
+from prouigan.training import GANStep, channels_last, channels_last_batch  # noqa: E402
 
 # dense (no sparsity) peak TFLOP/s by device name fragment: (TF32, bf16); NVIDIA data sheets
 PEAKS = {"H200": (494.7, 989.4), "H100 PCIe": (378.0, 756.0), "H100": (494.7, 989.4), "A100": (156.0, 312.0),
@@ -49,9 +49,7 @@ def make_batch(n: int, device, nhwc: bool) -> dict:
     lr, hr = torch.rand(n, 3, 16, 16, generator=g), torch.rand(n, 3, 128, 128, generator=g)
     b = {"lr": lr.to(device), "hr": hr.to(device), "landmarks": lm.to(device),
          "has_landmarks": torch.ones(n, dtype=torch.bool, device=device)}
-    if nhwc:
-        b.update({k: b[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")})
-    return b
+    return channels_last_batch(b) if nhwc else b
 
 
 def build(preset: str, device, bf16: bool, compile_mode: str | None, backend: str, nhwc: bool) -> GANStep:
@@ -92,26 +90,23 @@ def time_steps(step: GANStep, batches, steps: int, device) -> tuple[float, bool]
 
 
 def reader_batches(dataset: str, batch: int, readers: int, device, nhwc: bool, on_device: bool = False):
-    """Training batches from the platform's reader: occluded and degraded in the reader processes, or (on_device)
-    clean from the readers and occluded a batch at a time on ``device`` (prouigan.batched_occlusion)."""
+    """Training batches from the platform's reader, as a training worker gets them (``device_batch``): occluded
+    and degraded in the reader processes, or (on_device) clean from the readers and occluded a batch at a time on
+    ``device`` (prouigan.batched_occlusion)."""
     from torch.utils.data import DataLoader
 
-    from prouigan.batched_occlusion import occlude_and_degrade
     from prouigan_platform.config import Config
     from prouigan_platform.dataset.reader import FaceShards
+    from prouigan_platform.training.worker import device_batch
 
-    data = Config.model_validate({"name": "step-bench", "data": {"occlusion": {"on_device": on_device}}}).data
-    ds = FaceShards(dataset, "train", data, epochs=None)
+    cfg = Config.model_validate({"name": "step-bench", "data": {"occlusion": {"on_device": on_device}},
+                                 "train": {"channels_last": nhwc}})
+    ds = FaceShards(dataset, "train", cfg.data, epochs=None)
     loader = DataLoader(ds, batch_size=batch, num_workers=readers, persistent_workers=readers > 0,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if readers else None)
     g = torch.Generator(device=device).manual_seed(0)
     for b in loader:
-        b = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in b.items()}
-        if on_device:
-            b = occlude_and_degrade(b, g, data.occlusion.kinds, tuple(data.occlusion.coverage))
-        if nhwc:
-            b.update({k: b[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")})
-        yield b
+        yield device_batch(b, device, cfg, g)
 
 
 def reader_rate(dataset: str, batch: int, readers: int, device, on_device: bool, seconds: float = 20.0) -> float:

@@ -17,9 +17,7 @@ import torch
 
 from prouigan.degradation import downsample
 from prouigan.ibug import LEFT_EYE, MOUTH, RIGHT_EYE
-from prouigan.occlusion import KINDS, NEEDS_LANDMARKS, SKIN
-
-_MASK_COLOURS = ((0.95, 0.95, 0.95), (0.55, 0.75, 0.9), (0.1, 0.1, 0.12))
+from prouigan.occlusion import KINDS, MASK_COLOURS, NEEDS_LANDMARKS, SKIN
 
 
 def _u(g: torch.Generator, n: int, lo, hi, device) -> torch.Tensor:
@@ -58,7 +56,6 @@ def _capsule(yy, xx, a, b, width):
 
 def _bisect(draw, target: torch.Tensor, lo: float, hi: float, iters: int = 9) -> torch.Tensor:
     """Per sample, the mask of draw(scale (B,)) whose coverage is closest to target, scale bisected in [lo, hi]."""
-    n = len(target)
     lo_t, hi_t = torch.full_like(target, lo), torch.full_like(target, hi)
     best, best_err = None, torch.full_like(target, math.inf)
     for _ in range(iters):
@@ -70,7 +67,7 @@ def _bisect(draw, target: torch.Tensor, lo: float, hi: float, iters: int = 9) ->
         best = m if best is None else torch.where(better[:, None, None], m, best)
         best_err = torch.where(better, err, best_err)
         lo_t, hi_t = torch.where(cov < target, mid, lo_t), torch.where(cov < target, hi_t, mid)
-    return best if best is not None else torch.zeros(n, 1, 1, dtype=torch.bool, device=target.device)
+    return best
 
 
 def _rectangle(g, target, size, yy, xx):
@@ -306,12 +303,11 @@ def synthesize_batch(g: torch.Generator, landmarks: torch.Tensor, has_landmarks:
 
     mask = torch.zeros(n, size, size, dtype=torch.bool, device=dev)
     fill = torch.zeros(n, 3, size, size, device=dev)
-    # lm for faces without landmarks: a face-shaped placeholder so the face-aware kinds still compute (and are
-    # never chosen for them)
     for name in kinds:
         sel = kind == KINDS.index(name)
+        # on a GPU every kind is drawn for the whole batch and selected (no host sync); on CPU only where chosen.
+        # Faces without landmarks (zeros) compute harmless shapes for the face-aware kinds, never selected.
         i = sel.nonzero().flatten() if dev.type == "cpu" else torch.arange(n, device=dev)
-        # on a GPU every kind is drawn for the whole batch and selected (no host sync); on CPU only where chosen
         if len(i) == 0:
             continue
         m_, t_, lm_ = len(i), target[i], lm[i]
@@ -327,7 +323,8 @@ def synthesize_batch(g: torch.Generator, landmarks: torch.Tensor, has_landmarks:
             m, f = _sunglasses(g, t_, yy, xx, lm_), _shaded(g, m_, size, 0.15 * torch.rand(
                 m_, 3, generator=g, device=dev), dev)
         elif name == "mask":
-            base = torch.tensor(_MASK_COLOURS, device=dev)[torch.randint(0, 3, (m_,), generator=g, device=dev)]
+            colours = torch.tensor(MASK_COLOURS, device=dev)
+            base = colours[torch.randint(0, len(colours), (m_,), generator=g, device=dev)]
             m, f = _face_mask(g, t_, yy, xx, lm_), _shaded(g, m_, size, base, dev)
         else:  # hand
             skin = torch.tensor(SKIN, dtype=torch.float32, device=dev)

@@ -26,6 +26,7 @@ from prouigan.ibug import LEFT_EYE, MOUTH, RIGHT_EYE
 KINDS = ("random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes")
 NEEDS_LANDMARKS = {"sunglasses", "mask", "hand"}
 SKIN = np.array([(255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36)]) / 255.0
+MASK_COLOURS = ((0.95, 0.95, 0.95), (0.55, 0.75, 0.9), (0.1, 0.1, 0.12))  # white, surgical blue, black
 
 
 @dataclass
@@ -287,7 +288,7 @@ def synthesize(rng: np.random.Generator | int, landmarks: np.ndarray | None = No
     elif kind == "sunglasses":
         m, fill = _sunglasses(rng, target, size, lm), _shaded_fill(rng, size, rng.uniform(0.0, 0.15, 3))
     elif kind == "mask":
-        base = [(0.95, 0.95, 0.95), (0.55, 0.75, 0.9), (0.1, 0.1, 0.12)][int(rng.integers(3))]
+        base = MASK_COLOURS[int(rng.integers(len(MASK_COLOURS)))]
         m, fill = _face_mask(rng, target, size, lm), _shaded_fill(rng, size, base)
     else:  # hand
         m, fill = _hand(rng, target, size, lm), _shaded_fill(rng, size, SKIN[int(rng.integers(len(SKIN)))])

@@ -41,7 +41,7 @@ class Compiled:
     """
 
     def __init__(self, fn, mode: str | None, name: str = "module", backend: str = "inductor"):
-        self.fn, self.name, self.mode = fn, name, mode
+        self.fn, self.name = fn, name
         self.compiled = None if mode is None else torch.compile(fn, mode=None if mode == "default" else mode,
                                                                 backend=backend)
         self.proven = False  # the compiled path has returned once
@@ -74,6 +74,11 @@ def channels_last(*modules: nn.Module) -> None:
     """Convolution weights in NHWC, the layout cuDNN's tensor-core kernels read without a transpose."""
     for m in modules:
         m.to(memory_format=torch.channels_last)
+
+
+def channels_last_batch(batch: dict) -> dict:
+    """The batch with its images (lr, hr) in NHWC, to match ``channels_last`` modules."""
+    return {**batch, **{k: batch[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")}}
 
 
 def crop_boxes(batch: dict) -> torch.Tensor:

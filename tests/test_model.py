@@ -21,6 +21,7 @@ from prouigan.attention import CrossModalAttention
 from prouigan.discriminators import crop, local_crop_boxes
 from prouigan.landmarks import heatmaps
 from prouigan.losses import VGGFeatures, perceptual_network
+from prouigan.training import channels_last_batch
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +284,7 @@ def _batch(n=2, nhwc=False):
     g = torch.Generator().manual_seed(1)
     b = {"lr": torch.rand(n, 3, 16, 16, generator=g), "hr": torch.rand(n, 3, 128, 128, generator=g),
          "landmarks": torch.rand(n, 68, 2, generator=g) * 60 + 34, "has_landmarks": torch.tensor([True, False])}
-    if nhwc:
-        b.update({k: b[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")})
-    return b
+    return channels_last_batch(b) if nhwc else b
 
 
 def test_a_compile_failure_warns_once_and_the_step_runs_eager_with_the_same_losses():

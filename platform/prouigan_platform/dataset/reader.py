@@ -38,8 +38,7 @@ def _owner(key: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"reader:{key}".encode()).digest()[:4], "big") % n
 
 
-def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, occlude: bool = True,
-                 augment: bool = True) -> dict:
+def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, augment: bool = True) -> dict:
     """A shard sample (png + json bytes) -> tensors: lr (3,16,16), hr (3,128,128), mask (1,128,128),
     landmarks (68,2) face pixels (zeros when the source had none), has_landmarks, key.  ``augment=False``: the
     clean face only (lr and mask zeros), for occlusion and degradation on the training device."""
@@ -47,15 +46,14 @@ def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, occlu
     meta = json.loads(sample["json"])
     lm = meta.get("landmarks68")
     lm_arr = np.asarray(lm, np.float32) if lm is not None else None
+    mask = np.zeros(hr.shape[:2], np.float32)
     if not augment:
-        size = hr.shape[0]
-        occluded, mask, lr = hr, np.zeros(hr.shape[:2], np.float32), torch.zeros(3, size // 8, size // 8)
-    elif occlude and rng.random() < data.occlusion.probability:
-        occ = synthesize(rng, lm_arr, data.occlusion.kinds, tuple(data.occlusion.coverage), size=hr.shape[0])
-        occluded, mask = occ.apply(hr), occ.mask
+        lr = torch.zeros(3, hr.shape[0] // 8, hr.shape[1] // 8)
     else:
-        occluded, mask = hr, np.zeros(hr.shape[:2], np.float32)
-    if augment:
+        occluded = hr
+        if rng.random() < data.occlusion.probability:
+            occ = synthesize(rng, lm_arr, data.occlusion.kinds, tuple(data.occlusion.coverage), size=hr.shape[0])
+            occluded, mask = occ.apply(hr), occ.mask
         lr = degrade(torch.from_numpy(np.ascontiguousarray(occluded)).permute(2, 0, 1), rng,
                      data.degradation.noise_std, data.degradation.jpeg_quality)
     return {

@@ -33,7 +33,7 @@ from prouigan.landmarks import nme, soft_argmax
 from prouigan.losses import perceptual_network
 from prouigan.metrics import masked_psnr, psnr, ssim
 from prouigan.presets import GeneratorConfig, generator_config
-from prouigan.training import GANStep, channels_last, cosine_factor
+from prouigan.training import GANStep, channels_last, channels_last_batch, cosine_factor
 from prouigan_platform.config import Config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import FaceShards
@@ -49,8 +49,15 @@ def _to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
-def nhwc(batch: dict) -> dict:
-    return {**batch, **{k: batch[k].contiguous(memory_format=torch.channels_last) for k in ("lr", "hr")}}
+def device_batch(batch: dict, device, cfg: Config, aug_rng: torch.Generator) -> dict:
+    """A reader batch -> the batch the step takes: on the device, occluded and degraded there when the reader sent
+    clean faces (``data.occlusion.on_device``), in NHWC with ``train.channels_last``."""
+    batch = _to(batch, device)
+    occ = cfg.data.occlusion
+    if occ.on_device:
+        batch = occlude_and_degrade(batch, aug_rng, occ.kinds, tuple(occ.coverage), occ.probability,
+                                    cfg.data.degradation.noise_std)
+    return channels_last_batch(batch) if cfg.train.channels_last else batch
 
 
 def validate(generator, loader, device, sigma: float) -> dict[str, float]:
@@ -259,7 +266,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker = BackgroundLogger(loop_config["mlflow_run_id"])
     printer = ProgressPrinter(cfg, start, world) if rank == 0 else None
     base_lr = [pg["lr"] for pg in step_fn.opt_g.param_groups]
-    occ = cfg.data.occlusion
     aug_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + start)
     t_loop = time.time()
     t_last, n_last = t_loop, 0
@@ -286,12 +292,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     print(f"[train] step {step:,}: the last {cfg.data.final_fraction:.0%} of the run reads the final "
                           f"mix {mix}", flush=True)
-            batch = _to(next(loader), device)
-            if occ.on_device:  # the reader sent clean faces: occlude and degrade the batch here
-                batch = occlude_and_degrade(batch, aug_rng, occ.kinds, tuple(occ.coverage), occ.probability,
-                                            cfg.data.degradation.noise_std)
-            if cfg.train.channels_last:
-                batch = nhwc(batch)
+            batch = device_batch(next(loader), device, cfg, aug_rng)
             logs = step_fn.step(batch)
             if step == start + 1 and rank == 0 and cfg.train.compile != "off":
                 print(f"[train] torch.compile ({cfg.train.compile}): " + ", ".join(
