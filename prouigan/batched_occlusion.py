@@ -281,13 +281,13 @@ def synthesize_batch(g: torch.Generator, landmarks: torch.Tensor, has_landmarks:
                      size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One random occlusion per face: (mask (B, 1, H, W) float in {0, 1}, fill (B, 3, H, W), kind index (B,) into
     ``KINDS``, -1 where a face drew no occlusion).  Faces without landmarks draw only from the kinds that need
-    none; ``g`` is a torch.Generator on the landmarks' device."""
+    none, and stay clear (-1) where every kind needs landmarks: the batch trains on, nothing is dropped (the
+    per-sample reader skips such a face with a warning instead).  ``g`` is a torch.Generator on the landmarks'
+    device."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown occlusion kind(s) {unknown}; known: {', '.join(KINDS)}")
     plain = [k for k in kinds if k not in NEEDS_LANDMARKS]
-    if not plain and not bool(has_landmarks.all()):
-        raise ValueError(f"occlusion kinds {list(kinds)} all need landmarks, and some faces have none")
     n, dev = len(landmarks), landmarks.device
     lm = landmarks.float()
     yy, xx = _grid(size, dev)
@@ -299,6 +299,8 @@ def synthesize_batch(g: torch.Generator, landmarks: torch.Tensor, has_landmarks:
     kind = torch.where(has_landmarks.to(dev), pick_all, pick_plain)
     target = _u(g, n, coverage[0], coverage[1], dev)
     occluded = torch.rand(n, generator=g, device=dev) < probability
+    if not plain:
+        occluded &= has_landmarks.to(dev)
     kind = torch.where(occluded, kind, torch.full_like(kind, -1))
 
     mask = torch.zeros(n, size, size, dtype=torch.bool, device=dev)

@@ -109,3 +109,13 @@ def test_a_clean_batch_becomes_a_training_batch(landmarks):
     assert far.any() and (diff[near] > 0).float().mean() > 0.9 and diff[far].max() < 1e-5
     untouched = occlude_and_degrade(batch, torch.Generator().manual_seed(8), ("rectangle",), probability=0.0)
     assert torch.equal(untouched["lr"], clean_lr) and untouched["mask"].sum() == 0
+
+
+def test_faces_without_landmarks_stay_clear_when_every_kind_needs_landmarks(landmarks):
+    """kinds = face-aware only, half the faces without landmarks: no error mid-run, those faces untouched."""
+    has = torch.arange(len(landmarks)) % 2 == 0
+    mask, _, kinds = synthesize_batch(torch.Generator().manual_seed(9), landmarks, has, ("sunglasses", "mask"))
+    assert (kinds[~has] == -1).all() and mask[~has].sum() == 0
+    assert (kinds[has] >= 0).all() and (mask[has].flatten(1).mean(1) > 0.05).all()
+    with pytest.raises(ValueError, match="unknown occlusion kind"):
+        synthesize_batch(torch.Generator(), landmarks, has, ("scarf",))
