@@ -12,6 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prouigan_platform.stack import SINGLE_NODE_ENV
+
+# this process talks to the test stacks as their clients do, with Ray's single-node switch (read once, when Ray is
+# imported: before any test module imports it)
+os.environ.update(SINGLE_NODE_ENV)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = Path(os.environ.get("PROUIGAN_SHARED_FACES", REPO.parent / "shared" / "faces"))
 SHARED_CELEBA = Path(os.environ.get("PROUIGAN_SHARED_CELEBA", REPO.parent / "shared" / "celeba" / "train"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from prouigan_platform.stack import free_port
+from prouigan_platform.stack import SINGLE_NODE_ENV, free_port
 from prouigan_platform.storage import boto3_client
 from tests.conftest import REPO, run_cli
 
@@ -100,7 +100,9 @@ class TwoNodes:
 
 @pytest.fixture(scope="module")
 def cluster(stack, tmp_path_factory):
-    env = {k: v for k, v in {**os.environ, **stack.env()}.items() if k != "RAY_ADDRESS"}
+    # nodes of a real cluster: on the network, so without the embedded stack's single-node switch
+    env = {k: v for k, v in {**os.environ, **stack.env()}.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *SINGLE_NODE_ENV)}
     # a second raylet on a loaded 2-core machine can take longer than Ray's default 30 s to see its agents
     env.update(RAY_raylet_start_wait_time_s="180", RAY_agent_register_timeout_ms="180000")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # nodes run the venv's python
@@ -125,7 +127,8 @@ def _submit(stack, cluster: TwoNodes, name: str, dataset: str, *overrides: str) 
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dash)
-    env_vars = {k: v for k, v in stack.env().items() if k != "RAY_ADDRESS"}
+    env_vars = {k: v for k, v in stack.env().items()
+                if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *SINGLE_NODE_ENV)}
     job = client.submit_job(
         entrypoint=(f"{sys.executable} {REPO}/pipelines/train.py -c smoke name={name} train.dataset={dataset} "
                     f"train.storage=s3://{stack.bucket}/cluster-ckpt tracking.experiment=cluster-test "

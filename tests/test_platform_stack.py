@@ -61,10 +61,7 @@ def _loopback(ip: str) -> bool:
 def test_every_listening_socket_is_on_loopback_and_ray_wants_its_token(stack, tmp_path):
     import ray
 
-    from prouigan_platform.ray_node import keep_node_address
-
     ray.shutdown()
-    keep_node_address()
     ray.init(address=stack.ray_address, log_to_driver=False)  # the stack's env: RAY_AUTH_MODE + token path
     try:  # start workers, so their sockets are counted too
         assert ray.get([ray.remote(lambda i: i * i).remote(i) for i in range(4)]) == [0, 1, 4, 9]
@@ -76,12 +73,11 @@ def test_every_listening_socket_is_on_loopback_and_ray_wants_its_token(stack, tm
     finally:
         ray.shutdown()
     # a client without the token, or with another one, is refused
-    code = ("import ray; from prouigan_platform.ray_node import keep_node_address; keep_node_address(); "
-            f"ray.init(address='{stack.ray_address}', log_to_driver=False); print('CONNECTED')")
+    code = f"import ray; ray.init(address='{stack.ray_address}', log_to_driver=False); print('CONNECTED')"
     wrong = tmp_path / "wrong_token"
     wrong.write_text("0" * 64)
     for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}, {"RAY_AUTH_MODE": "disabled"}):
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        clean = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **st.SINGLE_NODE_ENV}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**clean, "HOME": str(tmp_path), **env})
         assert out.returncode != 0 and "CONNECTED" not in out.stdout, (env, out.stdout[-500:], out.stderr[-1500:])
@@ -101,10 +97,7 @@ def test_every_listening_socket_is_on_loopback_and_ray_wants_its_token(stack, tm
 def test_ray_task_runs_on_the_local_head(stack):
     import ray
 
-    from prouigan_platform.ray_node import keep_node_address
-
     ray.shutdown()  # a connection left by an earlier test module; this test connects by address itself
-    keep_node_address()
     ray.init(address=stack.ray_address, log_to_driver=False)
     try:
         node = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote())

@@ -172,13 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     else:  # MLflow's and Ray Data's INFO lines, MLflow's download bars: read when those libraries are imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the run's address
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     try:
         if args.command in USES_STACK:
             # before Ray or MLflow is imported: Ray reads its auth settings (RAY_AUTH_MODE, the token path) once
-            from prouigan_platform.runtime import use_embedded_stack
+            from prouigan_platform.runtime import prepare_local_ray, use_embedded_stack
 
             use_embedded_stack()
+            prepare_local_ray(getattr(args, "local", False))
         # the command's module imports what its work needs (torch, Ray, MLflow): only now, after parsing
         command = importlib.import_module(f"prouigan_platform.commands.{args.command}")
         return int(command.run(args) or 0)

@@ -7,3 +7,18 @@ class UserError(Exception):
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
+
+
+class Stopped(BaseException):
+    """The process was asked to stop (SIGTERM: `ray job stop`, a scheduler, `kill`).  A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` swallows it on the way out; runs end KILLED."""
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises ``Stopped`` in the main thread, so that runs are closed and the console says where to resume."""
+    import signal
+
+    def handler(signum, frame):
+        raise Stopped("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)

@@ -2,6 +2,7 @@
 
     state folder   $PROUIGAN_STATE_DIR, else ./.platform   (the embedded stack's processes, logs, MLflow db)
     store          $PROUIGAN_STORE, else <state folder>/store (datasets, checkpoints, locks, MLflow artifacts)
+    outputs        $PROUIGAN_OUTPUTS, else ./outputs          (reports, pictures, best configs: things to read)
 
 The store is local disk by default: a write that returned is on disk, whatever happens to a service.  Point
 PROUIGAN_STORE at ``s3://bucket[/prefix]`` (with AWS_ENDPOINT_URL for a non-AWS server) and every default path
@@ -19,6 +20,11 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def state_dir() -> Path:
     return Path(os.environ.get("PROUIGAN_STATE_DIR", ".platform")).expanduser().resolve()
+
+
+def outputs_dir(*parts: str) -> Path:
+    """Where a command writes what a person reads (evaluation reports, the demo's picture, a search's best.yaml)."""
+    return Path(os.environ.get("PROUIGAN_OUTPUTS", "outputs")).expanduser().joinpath(*parts)
 
 
 def store_root() -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from prouigan_platform import gate
+from prouigan_platform import gate, tracking
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.errors import UserError
 from prouigan_platform.evaluation import evaluate, load_split, table_rows, write_report
@@ -88,7 +88,8 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
     name = f"{split}_{source}" if source else split  # metric prefix and artifact folder
     if run_id:
         _log_to_run(run_id, ev, files, name)
-        log(f"evaluate: metrics eval_{name}_* and the report logged to MLflow run {run_id}")
+        tracking.log_dataset(run_id, mf.load(data_uri), f"evaluation.{name}")
+        log(f"evaluate: metrics eval_{name}_*, the report and the dataset logged to MLflow run {run_id}")
     if promote:
         problems = ev.problems(cfg.eval.gate_metrics)
         d = gate.decide(ev.methods["model"].summary, ev.methods["champion"].summary if champion else None,

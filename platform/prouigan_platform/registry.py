@@ -1,43 +1,101 @@
-"""The generator as an MLflow pyfunc model, its registration, and resolving a MODEL argument.
+"""Registering the generator as an MLflow model, the card a person reads in the registry, and resolving a MODEL
+argument.
 
-Model input: uint8 array (B, 16, 16, 3); output: uint8 array (B, 128, 128, 3).  Registered versions get
-aliases (``challenger`` after training; ``champion`` is moved by the evaluation gate) — stages are deprecated.
+The model is logged as code (``serving.py``, MLflow's models-from-code) with the generator's weights as its one
+artifact: it takes 16x16 PNG/JPEG faces (base64 in JSON) or (B, 16, 16, 3) arrays and gives 128x128 PNGs or
+arrays.  Registered versions get aliases (``challenger`` after training; ``champion`` is moved by the evaluation
+gate; stages are deprecated), a description (``ModelCard``: dataset, recipe, scores beside bicubic's, how to load
+and serve it) and tags.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from PIL import Image
 
 from prouigan.inference import Hallucinator
+from prouigan_platform.config import Config
 from prouigan_platform.errors import UserError
 
-SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 16, 16, 3))]),
-                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 128, 128, 3))]))
+SERVING_CODE = Path(__file__).with_name("serving.py")
+MODEL_DESCRIPTION = (
+    "Pro-UIGAN: 128x128 faces from occluded 16x16 thumbnails (8x upsampling and inpainting). Each version is "
+    "registered by `prouigan train` with alias @challenger; `prouigan evaluate --promote` moves @champion to a "
+    "version that beats the champion on held-out faces. Each version's description names its dataset, recipe and "
+    "validation scores beside bicubic's.")
 
 
-class ProUIGANModel(mlflow.pyfunc.PythonModel):
-    # the input is a uint8 array checked by ``predict`` itself (and by SIGNATURE): no type-hint wrapping
-    _skip_type_hint_validation = True
+def _example_thumbnail() -> str:
+    """A grey 16x16 PNG, base64: the input example the registry shows (and MLflow's serving example)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
-    def load_context(self, context) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.hallucinator = Hallucinator.load(context.artifacts["generator"], device=device)
 
-    def predict(self, context, model_input, params=None):
-        if isinstance(model_input, dict) and len(model_input) == 1:
-            model_input = next(iter(model_input.values()))
-        arr = np.asarray(model_input)
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (16, 16, 3):
-            raise ValueError(f"expected uint8 (B, 16, 16, 3) faces, got {arr.dtype} {arr.shape}")
-        return self.hallucinator.to_uint8(arr)
+@dataclass
+class ModelCard:
+    """What a person needs to know about a registered version, from the run that trained it."""
+
+    cfg: Config
+    manifest: dict
+    metrics: dict  # the best checkpoint's report: val_* (model), val_bicubic_*, step
+    run_id: str
+    checkpoint: str
+
+    def tags(self) -> dict[str, str]:
+        m = self.metrics
+        tags = {"recipe": self.cfg.name, "model.preset": self.cfg.model.preset, "step": str(m.get("step", "")),
+                "data_manifest": self.manifest["_uri"], "data_manifest_digest": self.manifest["digest"],
+                "dataset_version": str(self.manifest.get("version", "")), "checkpoint": self.checkpoint}
+        for k in ("val_psnr", "val_psnr_occluded", "val_ssim", "val_nme", "val_bicubic_psnr",
+                  "val_bicubic_psnr_occluded"):
+            if isinstance(m.get(k), (int, float)):
+                tags[k] = f"{m[k]:.4f}"
+        return tags
+
+    def description(self, name: str, version: str) -> str:
+        m, man = self.metrics, self.manifest
+        counts = man.get("counts", {})
+        by_source = "; ".join(f"{src}: " + ", ".join(f"{c.get(s, 0):,} {s}" for s in ("train", "val", "test"))
+                              for src, c in man.get("counts_by_source", {}).items())
+
+        def row(label: str, key: str, fmt: str, better: str) -> str:
+            have, bic = m.get(f"val_{key}"), m.get(f"val_bicubic_{key}")
+            if not isinstance(have, (int, float)):
+                return ""
+            return (f"| {label} | {have:{fmt}} | " + (f"{bic:{fmt}}" if isinstance(bic, (int, float)) else "–")
+                    + f" | {better} |\n")
+
+        uri = f"models:/{name}/{version}"
+        lines = [
+            f"**Pro-UIGAN `{self.cfg.model.preset}`**, recipe `{self.cfg.name}`, trained by MLflow run "
+            f"`{self.run_id}` (best checkpoint at step {m.get('step', '?')}: `{self.checkpoint}`).",
+            f"**Dataset** `{man['_uri']}` (version {man.get('version')}, digest `{man['digest']}`): "
+            f"{counts.get('train', 0):,} train / {counts.get('val', 0):,} val / {counts.get('test', 0):,} test faces"
+            + (f" ({by_source})" if by_source else "") + ".",
+            f"**Validation** during training ({self.cfg.train.val_samples} val faces, never trained on; the same "
+            "occluded 16x16 inputs for both):\n\n| metric | this model | bicubic | better |\n|---|---|---|---|\n"
+            + row("PSNR (dB)", "psnr", ".2f", "higher")
+            + row("occluded-region PSNR (dB)", "psnr_occluded", ".2f", "higher")
+            + row("SSIM", "ssim", ".3f", "higher") + row("landmark NME", "nme", ".4f", "lower"),
+            f"Held-out scores: `prouigan evaluate --model {uri} --split test` (logged to the run as `eval_test_*`).",
+            f'**Load**: `mlflow.pyfunc.load_model("{uri}").predict([png_bytes, ...])`, or `(B, 16, 16, 3)` uint8 '
+            f"arrays; `prouigan hallucinate --model {uri} --input DIR --output DIR`.",
+            f"**Serve**: `mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001`, then "
+            "`curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
+            "-d '{\"inputs\": [\"<base64 PNG of a 16x16 face>\"]}'` answers "
+            "`{\"predictions\": [\"<base64 PNG, 128x128>\"]}` (docs/evaluation.md, \"Serving\").",
+        ]
+        return "\n\n".join(lines) + "\n"
 
 
 def generator_only(checkpoint_file: str | Path, out: Path) -> Path:
@@ -47,16 +105,27 @@ def generator_only(checkpoint_file: str | Path, out: Path) -> Path:
     return out
 
 
-def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias: str = "challenger"):
-    """Log the generator under ``run_id`` as a pyfunc model, register a new version, point ``alias`` at it."""
+def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias: str = "challenger",
+                     card: ModelCard | None = None):
+    """Log the generator under ``run_id`` as a model (code + weights), register a new version with its card,
+    point ``alias`` at it."""
     client = mlflow.MlflowClient()
-    with tempfile.TemporaryDirectory() as tmp:
+    # recorded, not shown: MLflow warns that it does not validate an input hinted Any (serving.as_faces does)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True):
         gen = generator_only(checkpoint_file, Path(tmp) / "generator.pt")
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=ProUIGANModel(),
-                                           artifacts={"generator": str(gen)}, signature=SIGNATURE,
-                                           input_example=np.zeros((1, 16, 16, 3), np.uint8))
-    version = mlflow.register_model(info.model_uri, name)
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE),
+                                           artifacts={"generator": str(gen)},
+                                           input_example=[_example_thumbnail()])
+    try:
+        client.create_registered_model(name, description=MODEL_DESCRIPTION)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                          tags=card.tags() if card else None)
+    if card is not None:
+        client.update_model_version(name, version.version, description=card.description(name, version.version))
     client.set_registered_model_alias(name, alias, version.version)
     return version
 

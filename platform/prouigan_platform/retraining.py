@@ -19,17 +19,16 @@ the step and the error, and leaves the champion where it was.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 
 from prouigan.presets import generator_config
-from prouigan_platform import gate, storage
+from prouigan_platform import gate, storage, tracking
 from prouigan_platform.config import ConfigError
 from prouigan_platform.dataset.build import build_version
 from prouigan_platform.dataset.sources import list_sources
 from prouigan_platform.errors import UserError
 from prouigan_platform.locks import Lock, lock_root
+from prouigan_platform.paths import outputs_dir
 from prouigan_platform.promotion import evaluate_model
 from prouigan_platform.registry import alias_version, resolve_model
 from prouigan_platform.training.driver import train_and_register
@@ -38,7 +37,7 @@ from prouigan_platform.training.driver import train_and_register
 def _champion_digest(champion) -> str | None:
     if champion is None:
         return None
-    return mlflow.MlflowClient().get_run(champion.run_id).data.tags.get("data_manifest_digest")
+    return mlflow.MlflowClient().get_run(champion.run_id).data.tags.get(tracking.TAG_DATASET_DIGEST)
 
 
 def _init_from_champion(cfg, champion) -> dict:
@@ -79,38 +78,33 @@ def retrain(cfg, log=print) -> dict:
                 f"v{champion.version} was trained on")
             return {"status": "no-op", "dataset": manifest["_uri"], "champion": champion.version}
         client = mlflow.MlflowClient()
-        exp_name = f"{cfg.tracking.experiment}-retrain"
-        exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
-        run_id = client.create_run(exp_id, run_name=f"retrain-v{version_no:04d}", tags={
-            "pipeline": "retrain", "dataset": manifest["_uri"], "dataset_digest": manifest["digest"],
-            "champion_before": champion.version if champion else "none"}).info.run_id
+        run_id = tracking.open_run(cfg, "retrain", f"retrain-v{version_no:04d}", manifest=manifest,
+                                   experiment=f"{cfg.tracking.experiment}-retrain",
+                                   tags={"champion_before": champion.version if champion else "none"})
         step = "fine-tune"
-        try:
-            tcfg = cfg.model_copy(deep=True)
-            tcfg.name = f"{cfg.name}-retrain-v{version_no:04d}"
-            init = _init_from_champion(cfg, champion) if champion else None
-            log(f"retrain: training {tcfg.name} on dataset v{version_no:04d} "
-                + (f"from champion v{champion.version}" if init else "from scratch"))
-            trained = train_and_register(tcfg, manifest, init=init, tags={"retrain_run": run_id})
-            if not trained["version"]:
-                raise RuntimeError("training reported no checkpoint; nothing to evaluate")
-            client.set_tag(run_id, "candidate", trained["version"])
-            step = "evaluate"
-            out = Path("outputs/retrain") / f"v{version_no:04d}"
-            result = evaluate_model(cfg, trained["version"], manifest["_uri"], cfg.eval.split, out,
-                                    promote=True, log=log, source=cfg.eval.source)
-            decision = result["gate"]
-            client.set_tag(run_id, "gate.decision", decision["decision"])
-            client.set_tag(run_id, "gate.reason", decision["reason"][:4500])
-            if not result.get("complete", True):
-                raise RuntimeError(f"partial evaluation: {decision['reason']}")
-        except BaseException as e:
-            client.set_tag(run_id, "failed_step", step)
-            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4500])
-            client.set_terminated(run_id, "FAILED")
-            raise
-        client.set_terminated(run_id, "FINISHED")
+        with tracking.run_scope(run_id):
+            try:
+                tcfg = cfg.model_copy(deep=True)
+                tcfg.name = f"{cfg.name}-retrain-v{version_no:04d}"
+                init = _init_from_champion(cfg, champion) if champion else None
+                log(f"retrain: training {tcfg.name} on dataset v{version_no:04d} "
+                    + (f"from champion v{champion.version}" if init else "from scratch"))
+                trained = train_and_register(tcfg, manifest, init=init, tags={"retrain_run": run_id})
+                if not trained["version"]:
+                    raise RuntimeError("training reported no checkpoint; nothing to evaluate")
+                client.set_tag(run_id, "candidate", trained["version"])
+                step = "evaluate"
+                result = evaluate_model(cfg, trained["version"], manifest["_uri"], cfg.eval.split,
+                                        outputs_dir("retrain", f"v{version_no:04d}"), promote=True, log=log,
+                                        source=cfg.eval.source)
+                decision = result["gate"]
+                client.set_tag(run_id, "gate.decision", decision["decision"])
+                client.set_tag(run_id, "gate.reason", decision["reason"][:tracking.ERROR_CHARS])
+                if not result.get("complete", True):
+                    raise RuntimeError(f"partial evaluation: {decision['reason']}")
+            except BaseException:
+                client.set_tag(run_id, "failed_step", step)
+                raise
         log(f"retrain: {decision['decision']} {trained['version']}: {decision['reason']}")
         return {"status": decision["decision"], "version": trained["version"], "dataset": manifest["_uri"],
                 "reason": decision["reason"], "run_id": run_id}

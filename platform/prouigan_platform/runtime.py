@@ -56,26 +56,25 @@ def init_ray(local: bool = False, **kwargs):
     environment to every worker so they reach the same MLflow server and store.  Ray's own INFO lines are
     silenced unless --verbose; what our code prints on workers still reaches this console."""
     import ray  # here, not at the top: commands that only find the stack (evaluate, hallucinate) never load Ray
-
-    from prouigan_platform.ray_node import keep_node_address
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return ray
-    keep_node_address()  # connect to 127.0.0.1 as given: the stack's Ray listens on loopback only
     level = "INFO" if verbose() else "WARNING"
     if not verbose():
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
     env_vars = {k: os.environ[k] for k in FORWARDED if k in os.environ}
-    # a worker's print goes straight to its stdout, which Ray streams here once (Ray Train's print patch would
-    # route it through its logger as well: every line twice)
-    env_vars.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     runtime_env = kwargs.pop("runtime_env", {}) or {}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
         runtime_env.setdefault("env_vars", {}).update(env_vars)
     # else: a driver started by `ray job submit`: the job's runtime env (working_dir, env_vars) already reaches
     # every worker, and Ray refuses a driver runtime env that repeats its keys
     if local or not os.environ.get("RAY_ADDRESS"):
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            # Ray would replace 127.0.0.1 by the network address and listen there (see stack.SINGLE_NODE_ENV)
+            raise RuntimeError(f"a private local Ray must be started with {stack.SINGLE_NODE_ENV} in the environment "
+                               "before Ray is imported (the prouigan CLI sets it)")
         # a fresh private Ray, never whatever /tmp/ray says was last started here (after a reboot that record
         # points at a dead cluster and ray.init would wait on it for minutes); >= 4 slots, see stack.py
         kwargs = {"address": "local", "num_cpus": max(4, os.cpu_count() or 1), "include_dashboard": False,
@@ -87,3 +86,11 @@ def init_ray(local: bool = False, **kwargs):
              logging_level=logging.INFO if verbose() else logging.WARNING,
              logging_config=ray.LoggingConfig(log_level=level), **kwargs)
     return ray
+
+
+def prepare_local_ray(local: bool = False) -> None:
+    """Before Ray is imported: a command that will start a private local Ray (no RAY_ADDRESS, or ``--local``) keeps
+    it single-node, on 127.0.0.1 (stack.SINGLE_NODE_ENV)."""
+    if local or not os.environ.get("RAY_ADDRESS"):
+        for k, v in stack.SINGLE_NODE_ENV.items():
+            os.environ.setdefault(k, v)

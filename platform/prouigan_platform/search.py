@@ -6,8 +6,9 @@ through ``TuneReportCallback``; ASHA compares trials on ``tune.metric`` at each 
 an RDB (sqlite in the state folder by default) named after the config's ``name``: running the same search again
 adds trials to that study and TPE starts from everything it has already seen.
 
-MLflow: one parent run per invocation, one child run per trial (its config, curves and grids, status FAILED with
-the error for a crashed trial, ``stopped_early`` for one ASHA cut), and the best config as an artifact.
+MLflow: one parent run per invocation, one child run per trial (its config, dataset, curves and grids; FINISHED
+when it ran to the end, KILLED with ``stopped_early`` when ASHA cut it, FAILED with the error when it crashed), and
+the best config as an artifact of the parent.  ``run_search`` is the whole search; `prouigan tune` prints it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -25,9 +28,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from prouigan_platform import tracking
 from prouigan_platform.config import apply_overrides, validate
+from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.paths import state_dir
 from prouigan_platform.training.driver import check_mix, fit, storage_args
+
+TAG_TRIAL, TAG_STUDY, TAG_STOPPED_EARLY = "tune_trial", "tune_study", "stopped_early"
 
 
 def _key(dotted: str) -> str:
@@ -66,28 +73,20 @@ def run_trial(params: dict, ctx: dict) -> None:
     """One Tune trial (runs in a Tune actor): start the TorchTrainer, report through TuneReportCallback."""
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx["config"], params, trial_id)
-    client, run_id = None, None
+    run_id = None
     if ctx.get("parent_run_id"):
-        client = mlflow.MlflowClient()
-        run = client.create_run(ctx["experiment_id"], run_name=f"trial-{trial_id}",
-                                tags={"mlflow.parentRunId": ctx["parent_run_id"], "tune_trial": trial_id,
-                                      "tune_study": ctx["study"], "pipeline": "tune-trial"})
-        run_id = run.info.run_id
-        flat = cfg.to_flat_dict()
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, ("" if v is None else str(v))[:6000])
-                                         for k, v in flat.items()])
-        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+        run_id = tracking.open_run(cfg, "tune-trial", f"trial-{trial_id}", manifest=mf.load(ctx["manifest_uri"]),
+                                   parent_run_id=ctx["parent_run_id"],
+                                   tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]})
     try:
         callbacks = ([ValidationToMlflow(run_id)] if run_id else []) + [TuneReportCallback()]
         result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=callbacks, validation_logged=bool(run_id))
         if result.error is not None:
             raise result.error
     except BaseException as e:  # recorded, then re-raised so Tune marks the trial errored and goes on
-        if client is not None:
-            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:4000])
-            client.set_terminated(run_id, "FAILED")
+        tracking.end_run(run_id, e)
         raise
-    # a trial that ran to the end is closed FINISHED by the driver: Tune may stop this actor at the last report
+    # a trial that ran to the end is closed FINISHED by ``close_trials``: Tune may stop this actor at the last report
 
 
 def concurrent_trials(cfg) -> int:
@@ -96,10 +95,10 @@ def concurrent_trials(cfg) -> int:
         return cfg.tune.max_concurrent_trials
     res = ray.cluster_resources()
     per_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker + 0.1
-    fit = int(res.get("CPU", 1) // per_cpu)
+    fits = int(res.get("CPU", 1) // per_cpu)
     if cfg.train.use_gpu:
-        fit = min(fit, int(res.get("GPU", 0) // cfg.train.num_workers))
-    return max(1, fit)
+        fits = min(fits, int(res.get("GPU", 0) // cfg.train.num_workers))
+    return max(1, fits)
 
 
 def study_storage(cfg) -> str:
@@ -159,3 +158,84 @@ def best_config(cfg, params: dict):
     best = trial_config(data, params, "best")
     best.name = f"{cfg.name}-best"
     return best
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    status: str  # complete, stopped early, error
+    reports: int
+    value: float | None
+    params: dict
+
+
+@dataclass
+class SearchOutcome:
+    trials: list[Trial]
+    reports: int  # reports a full trial makes
+    best: Trial | None = None
+    best_yaml: Path | None = None
+    parent_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _trials(cfg, grid, reports: int) -> list[Trial]:
+    out = []
+    for r in grid:
+        metrics = r.metrics or {}
+        iters = metrics.get("training_iteration", 0)
+        status = "error" if r.error else ("stopped early" if iters < reports else "complete")
+        out.append(Trial(metrics.get("trial_id", "?"), status, iters, metrics.get(cfg.tune.metric),
+                         {k.replace("__", "."): v for k, v in (r.config or {}).items()}))
+    return out
+
+
+def close_trials(experiment_id: str, trials: list[Trial]) -> None:
+    """Each trial's child run ends as the trial did: KILLED (``stopped_early``) when ASHA cut it, FINISHED when it
+    ran to the end (a crashed trial ended its own run FAILED)."""
+    client = mlflow.MlflowClient()
+    for t in trials:
+        found = client.search_runs([experiment_id], f"tags.{TAG_TRIAL} = '{t.trial_id}'", max_results=1)
+        if found and t.status == "stopped early":
+            client.set_tag(found[0].info.run_id, TAG_STOPPED_EARLY, "true")
+            client.set_terminated(found[0].info.run_id, "KILLED")
+        elif found and t.status == "complete":
+            client.set_terminated(found[0].info.run_id, "FINISHED")
+
+
+def run_search(cfg, manifest: dict, out_dir: Path) -> SearchOutcome:
+    """The whole search: the parent run, the trials, their runs closed, the best config written to
+    ``out_dir/best.yaml`` and logged.  Ray must be initialised."""
+    parent = None
+    if tracking.enabled():
+        parent = tracking.open_run(cfg, "tune", f"{cfg.name}-search", manifest=manifest, tags={TAG_STUDY: cfg.name})
+    else:
+        print("[tune] MLFLOW_TRACKING_URI not set: searching without tracking", file=sys.stderr)
+    with tracking.run_scope(parent):
+        exp_id = mlflow.MlflowClient().get_run(parent).info.experiment_id if parent else None
+        grid, reports = search(cfg, manifest, parent, exp_id)
+        outcome = SearchOutcome(_trials(cfg, grid, reports), reports, parent_run_id=parent)
+        if parent:
+            close_trials(exp_id, outcome.trials)
+        finished = [t for t in outcome.trials if t.status != "error" and t.value is not None and math.isfinite(t.value)]
+        if not finished:
+            raise NoTrialFinished(f"no trial finished with a finite {cfg.tune.metric}; no best config", outcome)
+        outcome.best = max(finished, key=lambda t: t.value)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outcome.best_yaml = out_dir / "best.yaml"
+        outcome.best_yaml.write_text(best_config(cfg, outcome.best.params).to_yaml())
+        if parent:
+            client = mlflow.MlflowClient()
+            client.log_artifact(parent, str(outcome.best_yaml))
+            client.log_metric(parent, f"best_{cfg.tune.metric}", outcome.best.value)
+            for k, v in outcome.best.params.items():
+                client.set_tag(parent, f"best.{k}", f"{v:.6g}")
+    return outcome
+
+
+class NoTrialFinished(RuntimeError):
+    """Every trial crashed or diverged: the search has no best config (its parent run ends FAILED)."""
+
+    def __init__(self, message: str, outcome: SearchOutcome | None = None):
+        super().__init__(message)
+        self.outcome = outcome

@@ -35,6 +35,13 @@ SERVICES = ("s3", "mlflow", "ray")  # start order; stop order is the reverse
 S3_ACCESS_KEY = "prouigan"  # the embedded S3 server accepts any key; these are not secrets
 S3_SECRET_KEY = "prouigan-local-secret"
 S3_REGION = "us-east-1"
+# Ray's single-node switch (``ray_constants.ENABLE_RAY_CLUSTER``, read once when a process imports Ray).  Off, Ray
+# keeps 127.0.0.1 as every node and client address instead of replacing it by the machine's network address, so
+# the GCS, raylet, dashboard and its agent, workers, job drivers and every client of the stack stay on loopback.
+# It reaches every Ray process of the stack through the environment: `ray start` gets it from `up`, the processes
+# Ray starts inherit it, and `platform env` exports it to clients.  (Ray's name for it comes from the platforms where
+# it is off by default; a stack with it off cannot take a second node, which the embedded stack never has.)
+SINGLE_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class StackError(RuntimeError):
@@ -105,6 +112,10 @@ class StackSpec:
         in its file, named by RAY_AUTH_TOKEN_PATH)."""
         env = {
             "RAY_ADDRESS": self.ray_address,
+            # the job CLI and SDK: this before RAY_ADDRESS, which they would otherwise take for the dashboard's
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            **SINGLE_NODE_ENV,
+            "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",  # the dashboard's Train page
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_file.resolve()),
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
@@ -224,7 +235,7 @@ def _command(name: str, spec: StackSpec) -> list[str]:
         ]
     if name == "ray":
         return [
-            sys.executable, "-m", "prouigan_platform.ray_node", "start", "--head", "--block", "--disable-usage-stats",
+            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
             f"--node-ip-address={spec.host}", f"--port={spec.ray_port}",
             "--include-dashboard=true", f"--dashboard-host={spec.host}", f"--dashboard-port={spec.dashboard_port}",
             f"--ray-client-server-port={spec.ray_client_port}",
@@ -356,7 +367,9 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     if dead:
         _report_unclean_stop(spec, dead, log)
     _ray_token(spec)
-    env = {**os.environ, **spec.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **spec.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1",
+           # `python` in a job's entrypoint (`ray job submit -- python pipelines/train.py`) is this environment's
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     for name in spec.services():
         rec = services.get(name)
         if rec is not None and alive(rec):

@@ -1,22 +1,47 @@
-"""MLflow helpers: one experiment per config, the whole resolved config as params + a YAML artifact,
-git and data tags.  Everything here runs on the driver or on rank 0 only."""
+"""MLflow in one place: the life of every pipeline's run, the dataset as a run input, and rank 0's background logger.
+
+A run is opened by ``open_run`` (created, or found by a tag and re-opened), carries tags of one vocabulary (the
+``TAG_*`` names below), the whole resolved config (flat params and config.yaml) and the dataset version it read
+(``log_dataset``: MLflow's run inputs, so the UI shows the lineage dataset -> run -> model version), and is ended by
+``end_run``: FINISHED, FAILED with the error as a tag, or KILLED when the process was stopped (Ctrl-C, SIGTERM).
+Everything here runs on a driver or on rank 0; ``enabled()`` says whether there is a tracking server at all.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
-import tempfile
+import sys
 import threading
 import time
+import warnings
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-from PIL import Image
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
 from prouigan_platform.config import Config
+from prouigan_platform.errors import Stopped
+
+# the tag vocabulary of every run the platform makes
+TAG_PIPELINE = "pipeline"  # train, tune, tune-trial, retrain, hello
+TAG_GIT = "git_commit"
+TAG_CONFIG_DIGEST = "config_digest"
+TAG_DATASET = "data_manifest"  # the manifest URI of the dataset version the run read
+TAG_DATASET_DIGEST = "data_manifest_digest"
+TAG_TRAIN_NAME = "train_name"  # a training's name: a re-run of the name re-opens its run
+TAG_ERROR = "error"
+TAG_STOPPED = "stopped"  # why a KILLED run was stopped
+ERROR_CHARS = 4000  # an error tag holds at most this much (MLflow's tag values are limited to 5,000)
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def git_commit() -> str:
@@ -28,44 +53,141 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_config(config: Config) -> None:
-    """The whole resolved config: flat params (dotted keys) and config.yaml."""
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in config.to_flat_dict().items()}
-    mlflow.log_params(params)
-    mlflow.log_text(config.to_yaml(), "config.yaml")
-    mlflow.set_tag("config_digest", config.digest())
+def experiment_id(name: str) -> str:
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def log_config(run_id: str, config: Config) -> None:
+    """The whole resolved config: flat params (dotted keys), config.yaml and its digest."""
+    client = mlflow.MlflowClient()
+    params = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in config.to_flat_dict().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_text(run_id, config.to_yaml(), "config.yaml")
+    client.set_tag(run_id, TAG_CONFIG_DIGEST, config.digest())
+
+
+class ManifestDataset(MetaDataset):
+    """A dataset version as MLflow sees it: the manifest's URI as source, its content digest, and a profile of
+    its counts per split and per source (shown in the run's Datasets panel)."""
+
+    def __init__(self, manifest: dict):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        uri = manifest["_uri"]
+        with warnings.catch_warnings():  # a local path matches two of MLflow's local source kinds; either will do
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+        root = uri.rsplit("/manifests/", 1)[0].rstrip("/")
+        self._profile = {"version": manifest.get("version"), "counts": manifest.get("counts", {}),
+                         "counts_by_source": manifest.get("counts_by_source", {}),
+                         "quarantined": manifest.get("quarantined", 0)}
+        super().__init__(source, name=f"{root.rsplit('/', 1)[-1]}@v{int(manifest.get('version', 0)):04d}",
+                         digest=manifest["digest"])
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_dataset(run_id: str, manifest: dict, context: str) -> None:
+    """Record the dataset version as an input of the run (``context``: training, tuning, evaluation ...)."""
+    ds = ManifestDataset(manifest)
+    mlflow.MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
+        ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+
+def open_run(config: Config, pipeline: str, run_name: str, *, manifest: dict | None = None,
+             find_tag: tuple[str, str] | None = None, parent_run_id: str | None = None,
+             experiment: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """The run of a pipeline, RUNNING: found by ``find_tag`` (name, value) and re-opened, else created with the
+    tag vocabulary, the whole config and the dataset as its input.  -> run id."""
+    client = mlflow.MlflowClient()
+    exp_id = experiment_id(experiment or config.tracking.experiment)
+    if find_tag is not None:
+        found = client.search_runs([exp_id], f"tags.{find_tag[0]} = '{find_tag[1]}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            for k, v in (tags or {}).items():
+                client.set_tag(run_id, k, v)
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+    all_tags = {TAG_PIPELINE: pipeline, TAG_GIT: git_commit(), **(tags or {})}
+    if find_tag is not None:
+        all_tags[find_tag[0]] = find_tag[1]
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if manifest is not None:
+        all_tags.update({TAG_DATASET: manifest["_uri"], TAG_DATASET_DIGEST: manifest["digest"]})
+    run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+    log_config(run_id, config)
+    if manifest is not None:
+        log_dataset(run_id, manifest, "tuning" if pipeline.startswith("tune") else "training")
+    return run_id
+
+
+def end_run(run_id: str | None, error: BaseException | None = None, log=None) -> None:
+    """FINISHED; KILLED for a stopped process (with why); FAILED with the error as a tag.  An unreachable MLflow is
+    reported on stderr, never raised: the pipeline's own outcome stands."""
+    if not run_id:
+        return
+    status = "FINISHED" if error is None else ("KILLED" if isinstance(error, (KeyboardInterrupt, Stopped))
+                                               else "FAILED")
+    try:
+        client = mlflow.MlflowClient()
+        if status == "KILLED":
+            client.set_tag(run_id, TAG_STOPPED, str(error) or type(error).__name__)
+        elif error is not None:
+            client.set_tag(run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
+        client.set_terminated(run_id, status)
+    except Exception as e:
+        print(f"[tracking] could not mark MLflow run {run_id} {status}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 @contextmanager
-def start_run(config: Config, run_name: str, tags: dict[str, str] | None = None, nested: bool = False):
-    mlflow.set_experiment(config.tracking.experiment)
-    with mlflow.start_run(run_name=run_name, nested=nested,
-                          tags={"git_commit": git_commit(), **(tags or {})}) as run:
-        log_config(config)
+def run_scope(run_id: str | None):
+    """Ends ``run_id`` as what happens inside: FINISHED, FAILED or KILLED (the error is re-raised)."""
+    try:
+        yield run_id
+    except BaseException as e:
+        end_run(run_id, e)
+        raise
+    end_run(run_id)
+
+
+@contextmanager
+def start_run(config: Config, run_name: str, pipeline: str, tags: dict[str, str] | None = None):
+    """A short run of its own, as the fluent API's active run (``mlflow.log_*`` inside), ended by ``run_scope``."""
+    run_id = open_run(config, pipeline, run_name, tags=tags)
+    with run_scope(run_id), mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
         yield run
 
 
 class BackgroundLogger:
     """Rank 0's MLflow logging, off the training loop and best-effort.
 
-    Metrics and files go into a bounded queue that a daemon thread sends.  While MLflow is unreachable they wait
-    and the thread retries with back-off; beyond ``max_metrics`` / ``max_files`` pending items the oldest are
+    Metrics and images go into a bounded queue that a daemon thread sends.  While MLflow is unreachable they wait
+    and the thread retries with back-off; beyond ``max_metrics`` / ``max_images`` pending items the oldest are
     dropped and counted.  So an MLflow outage costs no training step and no checkpoint (checkpoints go to storage
     through ``ray.train.report`` before anything is logged here), and what was logged before and after the outage
-    still arrives."""
+    still arrives.  Images are step-wise (``log_image(key=, step=)``): the run page browses them by step."""
 
-    def __init__(self, run_id: str, max_metrics: int = 20_000, max_files: int = 20, timeout_s: float = 10.0):
+    def __init__(self, run_id: str, max_metrics: int = 20_000, max_images: int = 20, timeout_s: float = 10.0):
         # fail fast inside the thread and retry here, instead of MLflow's own minutes-long retry loop
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
         self.run_id = run_id
         self.client = mlflow.MlflowClient()
         self.metrics: deque = deque(maxlen=max_metrics)
-        self.files: deque = deque(maxlen=max_files)
+        self.images: deque = deque(maxlen=max_images)
         self.dropped = 0
         self.failures = 0
         self.last_error = ""
-        self._tmp = tempfile.mkdtemp(prefix="prouigan-track-")
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -79,37 +201,33 @@ class BackgroundLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     if len(self.metrics) == self.metrics.maxlen:
                         self.dropped += 1
-                    self.metrics.append(mlflow.entities.Metric(k, float(v), now, int(step)))
+                    self.metrics.append(Metric(k, float(v), now, int(step)))
         self._wake.set()
 
-    def log_image(self, image, name: str, artifact_path: str) -> None:
-        """An (H, W, 3) uint8 array, written to a file now and sent later."""
-        path = Path(self._tmp) / name
-        Image.fromarray(image).save(path)
+    def log_image(self, image, key: str, step: int) -> None:
+        """An (H, W, 3) uint8 array, sent later as the run's image ``key`` at ``step``."""
         with self._lock:
-            if len(self.files) == self.files.maxlen:
+            if len(self.images) == self.images.maxlen:
                 self.dropped += 1
-                Path(self.files[0][0]).unlink(missing_ok=True)
-            self.files.append((str(path), artifact_path))
+            self.images.append((image, key, int(step), int(time.time() * 1000)))
         self._wake.set()
 
     def _send_once(self) -> bool:
         """Send what is queued; False when MLflow failed (the items stay queued)."""
         with self._lock:
             batch = list(self.metrics)[:1000]
-            file = self.files[0] if self.files else None
+            image = self.images[0] if self.images else None
         try:
             if batch:
                 self.client.log_batch(self.run_id, metrics=batch)
                 with self._lock:
                     for _ in batch:
                         self.metrics.popleft()
-            if file is not None:
-                self.client.log_artifact(self.run_id, file[0], file[1])
+            if image is not None:
+                self.client.log_image(self.run_id, image[0], key=image[1], step=image[2], timestamp=image[3])
                 with self._lock:
-                    if self.files and self.files[0] == file:
-                        self.files.popleft()
-                Path(file[0]).unlink(missing_ok=True)
+                    if self.images and self.images[0] is image:
+                        self.images.popleft()
             return True
         except Exception as e:  # unreachable, timing out, 5xx: keep the items, retry later
             self.failures += 1
@@ -118,7 +236,7 @@ class BackgroundLogger:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self.metrics) + len(self.files)
+            return len(self.metrics) + len(self.images)
 
     def _loop(self) -> None:
         backoff = 1.0
@@ -145,3 +263,17 @@ class BackgroundLogger:
             return (f"MLflow logging: {left} item(s) not sent, {self.dropped} dropped while MLflow was unreachable "
                     f"(last error: {self.last_error})")
         return ""
+
+
+def system_metrics(run_id: str, node: str):
+    """CPU, memory, disk, network (and GPU where there is one) of this node, logged to the run as
+    ``system/<node>/...`` every 10 s until ``.finish()``; None when the monitor cannot start."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=True)
+        monitor.start()
+        return monitor
+    except Exception as e:  # best-effort, like all tracking
+        print(f"[tracking] no system metrics for node {node}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None

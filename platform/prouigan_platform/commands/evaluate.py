@@ -13,10 +13,9 @@ same inputs); a partial or failed evaluation never promotes, and exits 1.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prouigan_platform.config import config_from_args
 from prouigan_platform.errors import UserError
+from prouigan_platform.paths import outputs_dir
 from prouigan_platform.promotion import dataset_uri, evaluate_model, slug
 from prouigan_platform.registry import resolve_device
 
@@ -27,7 +26,7 @@ def run(args) -> int:
     split = args.split or cfg.eval.split
     source = args.source or cfg.eval.source
     data = dataset_uri(cfg, args.data)
-    out = args.output or Path("outputs/evaluate") / slug(args.model) / (f"{split}-{source}" if source else split)
+    out = args.output or outputs_dir("evaluate", slug(args.model), f"{split}-{source}" if source else split)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")
     result = evaluate_model(cfg, args.model, data, split, out, args.promote, device, source=source)

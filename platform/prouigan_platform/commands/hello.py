@@ -31,7 +31,7 @@ def run(args) -> int:
     print(f"ray: {args.tasks} tasks on {workers} worker process(es), sum of squares = {total}")
     if total != sum(i * i for i in range(args.tasks)):
         raise RuntimeError(f"Ray returned a wrong sum of squares: {total}")
-    with start_run(config, run_name=f"{config.name}-hello", tags={"pipeline": "hello"}) as r:
+    with start_run(config, f"{config.name}-hello", "hello") as r:
         mlflow.log_metric("sum_of_squares", total)
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "hello.txt"

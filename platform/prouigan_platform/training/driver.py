@@ -21,12 +21,13 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from prouigan.presets import generator_config
-from prouigan_platform import storage
+from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config, ConfigError, load_config
 from prouigan_platform.dataset.reader import mix_weights
-from prouigan_platform.registry import log_and_register
+from prouigan_platform.errors import Stopped
+from prouigan_platform.registry import ModelCard, log_and_register
 from prouigan_platform.runtime import verbose
-from prouigan_platform.tracking import git_commit, log_config
+from prouigan_platform.training.process_group import NodeAddressTorchConfig
 from prouigan_platform.training.worker import CHECKPOINT_FILE, train_loop_per_worker
 
 
@@ -87,11 +88,16 @@ def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | No
     ``callbacks``: Ray Train callbacks (`prouigan tune` passes Tune's report callback, and one that logs the
     validation scores, so ``validation_logged`` keeps rank 0 from logging them again).
     ``init``: {"from": MODEL, "generator": state dict} to fine-tune from (used when there is no checkpoint)."""
+    # a worker's print goes straight to its stdout, which Ray streams to the driver once; Ray Train's print patch
+    # would route it through its logger as well (every line twice).  Ray Train hands this variable from the driver
+    # to its controller and workers, also in a `ray job submit` driver whose runtime env we cannot extend.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "manifest_uri": manifest_uri,
                            "mlflow_run_id": run_id, "init_generator": (init or {}).get("generator"),
                            "init_from": (init or {}).get("from"), "validation_logged": validation_logged},
+        torch_config=NodeAddressTorchConfig(),  # torch's store and gloo on the node's address, not on every interface
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
                                                placement_strategy=cfg.train.placement_strategy),
@@ -107,70 +113,39 @@ def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | No
     return trainer.fit()
 
 
-def find_or_start_run(cfg: Config, manifest: dict) -> str:
-    """The MLflow run of this training name: re-opened on resume, created (with the whole config) otherwise.
-    It is RUNNING while training and ends FINISHED or FAILED (``end_run``)."""
-    mlflow.set_experiment(cfg.tracking.experiment)
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.train_name = '{cfg.name}'",
-                               output_format="list", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        with mlflow.start_run(run_name=cfg.name, tags={"train_name": cfg.name, "git_commit": git_commit(),
-                                                       "pipeline": "train", "data_manifest": manifest["_uri"],
-                                                       "data_manifest_digest": manifest["digest"]}) as run:
-            log_config(cfg)
-        run_id = run.info.run_id
-    mlflow.MlflowClient().update_run(run_id, status="RUNNING")
-    return run_id
-
-
-def end_run(run_id: str | None, error: BaseException | None) -> None:
-    """FINISHED, or FAILED with the error as a tag; an unreachable MLflow is reported, not raised."""
-    if not run_id:
-        return
-    try:
-        client = mlflow.MlflowClient()
-        if error is not None:
-            client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:4500])
-        client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
-    except Exception as e:
-        print(f"[train] could not mark MLflow run {run_id} {'FAILED' if error else 'FINISHED'}: {e}", file=sys.stderr)
-
-
 def tracking_off() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+    return not tracking.enabled()
 
 
 def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, tags: dict | None = None) -> dict:
     """Train (or resume) ``cfg.name`` on a dataset version and register its best checkpoint as a new version of
     ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
     -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
-    A failed training marks the MLflow run FAILED with the error and raises it."""
+    The MLflow run of the name (re-opened on resume) ends FINISHED, FAILED with the error, or KILLED when the
+    driver is stopped; a stopped driver also says how to resume."""
     check_mix(cfg, manifest)
     resume_from = check_resume(cfg)
     if resume_from:
         print(f"[train] run '{cfg.name}' resumes from {resume_from}")
-    run_id = None if tracking_off() else find_or_start_run(cfg, manifest)
-    if run_id is None:
+    run_id = None
+    if tracking_off():
         print("[train] MLFLOW_TRACKING_URI not set: training without tracking", file=sys.stderr)
-    elif tags:
-        for k, v in tags.items():
-            mlflow.MlflowClient().set_tag(run_id, k, v)
+    else:
+        run_id = tracking.open_run(cfg, "train", cfg.name, manifest=manifest,
+                                   find_tag=(tracking.TAG_TRAIN_NAME, cfg.name), tags=tags)
     try:
-        result = fit(cfg, manifest["_uri"], run_id, init=init)
-        if result.error is not None:
-            raise result.error
-        out = _register(cfg, result, run_id)
-    except BaseException as e:
-        end_run(run_id, e)
+        with tracking.run_scope(run_id):
+            result = fit(cfg, manifest["_uri"], run_id, init=init)
+            if result.error is not None:
+                raise result.error
+            return _register(cfg, manifest, result, run_id)
+    except (KeyboardInterrupt, Stopped):
+        print(f"[train] stopped; run the same command again to resume '{cfg.name}' from its latest checkpoint under "
+              f"{storage.join(cfg.train.storage, cfg.name)}", file=sys.stderr)
         raise
-    end_run(run_id, None)
-    return out
 
 
-def _register(cfg: Config, result, run_id: str | None) -> dict:
+def _register(cfg: Config, manifest: dict, result, run_id: str | None) -> dict:
     out = {"run_id": run_id, "checkpoint": None, "version": None}
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
     print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
@@ -192,7 +167,8 @@ def _register(cfg: Config, result, run_id: str | None) -> dict:
         out["version"] = tags["registered_version"]
         return out
     with best[0].as_directory() as d:
-        version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model)
+        version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model,
+                                   card=ModelCard(cfg, manifest, best[1], run_id, ckpt_uri))
     uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
     client.set_tag(run_id, "registered_checkpoint", ckpt_uri)
     client.set_tag(run_id, "registered_version", uri)

@@ -1,11 +1,14 @@
-"""What every Ray Train worker runs: ``train_loop_per_worker``.
+"""What every Ray Train worker runs: ``train_loop_per_worker``, a short story told by ``WorkerRun``.
+
+    set up (or restore) -> step by step: train_step -> validate when due -> report (with a checkpoint) when due -> close
 
 Each worker builds G and both Ds (DDP over gloo on CPU, NCCL on GPU), streams its own part of the train shards,
 and steps until ``train.steps`` or the wall-time budget (rank 0's clock, broadcast, so all stop on one step).
-Every ``train.val_every`` steps it validates on its part of the val split (all-reduced).  Every
-``train.checkpoint_every`` steps (and at the end) rank 0 reports a checkpoint through ``ray.train.report`` first,
-then hands metrics and a picture to MLflow in the background (an MLflow outage costs no step and no checkpoint).
-Rank 0 prints one progress line every ~30 s and one per validation.
+Every ``train.val_every`` steps it validates on its part of the val split (summed over workers), bicubic beside
+the model.  Every ``train.checkpoint_every`` steps (and at the end) rank 0 reports a checkpoint through
+``ray.train.report`` first, then hands metrics and the val grid to MLflow in the background (an MLflow outage
+costs no step and no checkpoint).  Rank 0 prints one progress line every ~30 s and one per validation; the first
+worker of each node logs the node's system metrics to the run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from prouigan import LossWeights, ProUIGANGenerator, build_discriminators
 from prouigan.batched_occlusion import occlude_and_degrade
+from prouigan.degradation import upsample_bicubic
 from prouigan.generator import unwrap
 from prouigan.inference import generator_state
 from prouigan.landmarks import nme, soft_argmax
@@ -39,7 +43,7 @@ from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import FaceShards
 from prouigan_platform.progress import fmt_duration
 from prouigan_platform.runtime import verbose
-from prouigan_platform.tracking import BackgroundLogger
+from prouigan_platform.tracking import BackgroundLogger, system_metrics
 
 CHECKPOINT_FILE = "state.pt"
 PROGRESS_EVERY_S = 30.0
@@ -60,33 +64,58 @@ def device_batch(batch: dict, device, cfg: Config, aug_rng: torch.Generator) -> 
     return channels_last_batch(batch) if cfg.train.channels_last else batch
 
 
-def validate(generator, loader, device, sigma: float) -> dict[str, float]:
-    """PSNR, SSIM, occluded-region PSNR and prior NME on this worker's part, summed across workers."""
+# what validation adds up over the val faces (summed on each worker, then across workers)
+VAL_SUMS = ("faces", "psnr", "ssim", "occluded_faces", "psnr_occluded", "landmark_faces", "nme",
+            "bicubic_psnr", "bicubic_ssim", "bicubic_psnr_occluded")
+
+
+def validation_sums(generator, loader, device, sigma: float) -> dict[str, float]:
+    """``VAL_SUMS`` over this worker's part of the val split, for the model and for bicubic on the same inputs."""
     g = unwrap(generator)
     g.eval()
-    sums = torch.zeros(7, dtype=torch.float64)  # psnr, ssim, occluded psnr, n occluded, nme, n landmarks, n
+    sums = dict.fromkeys(VAL_SUMS, 0.0)
     with torch.no_grad():
         for batch in loader:
             b = _to(batch, device)
             out = g(b["lr"])
             sr = out.final.float().nan_to_num(0.5).clamp(0, 1)  # a diverged trial scores low, not NaN
-            mp = masked_psnr(sr, b["hr"], b["mask"]).cpu()
-            has = b["has_landmarks"].cpu()
-            if out.heatmaps:
+            bic = upsample_bicubic(b["lr"])
+            occluded = masked_psnr(sr, b["hr"], b["mask"]).cpu()
+            has_region = ~torch.isnan(occluded)
+            sums["faces"] += len(sr)
+            sums["psnr"] += psnr(sr, b["hr"]).sum().item()
+            sums["ssim"] += ssim(sr, b["hr"]).sum().item()
+            sums["occluded_faces"] += float(has_region.sum())
+            sums["psnr_occluded"] += occluded[has_region].sum().item()
+            sums["bicubic_psnr"] += psnr(bic, b["hr"]).sum().item()
+            sums["bicubic_ssim"] += ssim(bic, b["hr"]).sum().item()
+            sums["bicubic_psnr_occluded"] += masked_psnr(bic, b["hr"], b["mask"]).cpu()[has_region].sum().item()
+            if out.heatmaps:  # a generator without priors (the plain CNN baseline) has no landmark estimate
+                has = b["has_landmarks"].cpu()
                 err = nme(soft_argmax(out.heatmaps[-1].float(), sigma).cpu(), b["landmarks"].cpu())
-            else:  # a generator without priors (the plain CNN baseline) has no landmark estimate
-                err, has = torch.zeros(len(sr)), torch.zeros(len(sr), dtype=torch.bool)
-            sums += torch.tensor([psnr(sr, b["hr"]).sum().item(), ssim(sr, b["hr"]).sum().item(),
-                                  torch.nan_to_num(mp).sum().item(), float((~torch.isnan(mp)).sum()),
-                                  err[has].sum().item(), float(has.sum()), float(len(sr))], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
+                sums["landmark_faces"] += float(has.sum())
+                sums["nme"] += err[has].sum().item()
     g.train()
-    n = max(float(sums[6]), 1.0)
-    out = {"val_psnr": float(sums[0]) / n, "val_ssim": float(sums[1]) / n,
-           "val_psnr_occluded": float(sums[2]) / max(float(sums[3]), 1.0)}
-    if sums[5] > 0:
-        out["val_nme"] = float(sums[4]) / float(sums[5])
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([sums[k] for k in VAL_SUMS], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        sums = dict(zip(VAL_SUMS, t.tolist(), strict=True))
+    return sums
+
+
+def validate(generator, loader, device, sigma: float) -> dict[str, float]:
+    """PSNR, SSIM, occluded-region PSNR and prior NME over the val faces of every worker, and bicubic's scores on
+    the same inputs (``val_bicubic_*``: the line a model must beat)."""
+    s = validation_sums(generator, loader, device, sigma)
+    faces, occluded = max(s["faces"], 1.0), max(s["occluded_faces"], 1.0)
+    out = {"val_psnr": s["psnr"] / faces, "val_ssim": s["ssim"] / faces,
+           "val_psnr_occluded": s["psnr_occluded"] / occluded,
+           "val_bicubic_psnr": s["bicubic_psnr"] / faces, "val_bicubic_ssim": s["bicubic_ssim"] / faces,
+           "val_bicubic_psnr_occluded": s["bicubic_psnr_occluded"] / occluded}
+    if s["landmark_faces"] > 0:
+        out["val_nme"] = s["nme"] / s["landmark_faces"]
     return out
 
 
@@ -190,17 +219,6 @@ class ProgressPrinter:
               + f" | best PSNR {self.best[0]:.2f} at step {self.best[1]:,}", flush=True)
 
 
-def _restore(cfg: Config):
-    """(generator config, state dict or None, init generator or None): the checkpoint's architecture wins on
-    resume (the driver already refused a config whose model differs)."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        return GeneratorConfig.from_dict(state["generator_config"]), state
-    return generator_config(cfg.model.preset, cfg.model.overrides), None
-
-
 def _quiet_train_reports() -> None:
     """Ray Train logs every report at INFO ("Reporting training result N: TrainingReport(...)") through a logger
     named after its file, which RunConfig's LoggingConfig (it filters ``ray.train.*`` names) does not reach."""
@@ -209,141 +227,200 @@ def _quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    cfg = Config.model_validate(loop_config["config"])
-    if not verbose():
-        _quiet_train_reports()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed + rank)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    manifest = mf.load(loop_config["manifest_uri"])
+class WorkerRun:
+    """One worker's training: its models, optimisers, data, clock and console, built (or restored) by ``__init__``;
+    ``train_loop_per_worker`` tells the story with its methods."""
 
-    gcfg, state = _restore(cfg)
-    g = ProUIGANGenerator(gcfg)
-    d_global, d_local = build_discriminators(cfg.model.preset)
-    weights = LossWeights(**cfg.loss.model_dump(exclude={"vgg_weights"}))
-    vgg, vgg_msg = perceptual_network(weights, cfg.loss.vgg_weights)
-    if vgg is not None:
-        vgg = vgg.to(device)
-    if cfg.train.channels_last:
-        channels_last(g, d_global, d_local)
-    g, d_global, d_local = (ray.train.torch.prepare_model(m) for m in (g, d_global, d_local))
-    amp = torch.bfloat16 if (device.type == "cuda" and cfg.train.bf16) else None
-    step_fn = GANStep(g, d_global, d_local, weights, cfg.train.lr_g, cfg.train.lr_d, cfg.data.heatmap_sigma,
-                      amp_dtype=amp, vgg=vgg, compile_mode=None if cfg.train.compile == "off" else cfg.train.compile)
-    start, elapsed_before = 0, 0.0
-    if state is not None:
-        for module, key in ((g, "generator"), (d_global, "d_global"), (d_local, "d_local")):
-            unwrap(module).load_state_dict(state[key])
-        step_fn.load_state_dict(state["optimizers"])
-        start, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
-    elif loop_config.get("init_generator") is not None:  # fine-tuning (retrain): G starts from a given model
-        unwrap(g).load_state_dict(loop_config["init_generator"])
-    if rank == 0:
-        print(f"[train] {cfg.name}: {world} worker(s) on {device}; {vgg_msg}", flush=True)
+    def __init__(self, loop_config: dict):
+        self.loop_config = loop_config
+        cfg = self.cfg = Config.model_validate(loop_config["config"])
+        if not verbose():
+            _quiet_train_reports()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.seed + self.rank)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        self.manifest = mf.load(loop_config["manifest_uri"])
+        state = self._build_models()
+        self.start, self.elapsed_before = self._restore(state)
+        self._say_hello(state)
+        self.val_loader = DataLoader(FaceShards(self.manifest, "val", cfg.data, rank=self.rank, world_size=self.world,
+                                                limit=max(1, cfg.train.val_samples // self.world)),
+                                     batch_size=cfg.train.batch_size)
+        self.grid_batch = next(iter(DataLoader(FaceShards(self.manifest, "val", cfg.data, limit=4), batch_size=4)))
+        run_id = loop_config.get("mlflow_run_id")
+        self.tracker = BackgroundLogger(run_id) if self.rank == 0 and run_id else None
+        # every node that trains logs its CPU, memory (and GPU) to the run, once per node
+        self.system = system_metrics(run_id, f"node_{ctx.get_node_rank()}") \
+            if run_id and ctx.get_local_rank() == 0 else None
+        self.printer = ProgressPrinter(cfg, self.start, self.world) if self.rank == 0 else None
+        self.base_lr = [pg["lr"] for pg in self.step_fn.opt_g.param_groups]
+        self.aug_rng = torch.Generator(device=self.device).manual_seed(
+            cfg.seed * 1_000_003 + self.rank * 7_919 + self.start)
+        self.t_loop = self.t_report = time.time()
+        self.samples_since_report = 0
+        budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+        self.clock = BudgetClock(cfg.train.steps, budget_s, cfg.train.sync_every,
+                                 broadcast_from_rank0 if dist.is_available() and dist.is_initialized() else None)
+        self.done = self.clock(self.start, self.elapsed_before)  # rank 0's clock decides for all
+        self.mix = cfg.data.mix_at(self.done)
+        self.loader = self._train_batches(self.start)
+        self.last_val: dict | None = None
+        self.finished = self.done >= 1.0  # a resumed run whose budget was already spent
+
+    def _build_models(self) -> dict | None:
+        """G and both Ds (DDP), the loss and the step; -> the checkpoint's state when resuming, else None.  On resume
+        the checkpoint's architecture wins (the driver already refused a config whose model differs)."""
+        cfg, device = self.cfg, self.device
+        ckpt = ray.train.get_checkpoint()
+        state = None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        gcfg = GeneratorConfig.from_dict(state["generator_config"]) if state is not None \
+            else generator_config(cfg.model.preset, cfg.model.overrides)
+        g = ProUIGANGenerator(gcfg)
+        d_global, d_local = build_discriminators(cfg.model.preset)
+        loss_weights = LossWeights(**cfg.loss.model_dump(exclude={"vgg_weights"}))
+        vgg, self.vgg_msg = perceptual_network(loss_weights, cfg.loss.vgg_weights)
+        if vgg is not None:
+            vgg = vgg.to(device)
+        if cfg.train.channels_last:
+            channels_last(g, d_global, d_local)
+        self.g, self.d_global, self.d_local = (ray.train.torch.prepare_model(m) for m in (g, d_global, d_local))
+        amp = torch.bfloat16 if (device.type == "cuda" and cfg.train.bf16) else None
+        self.step_fn = GANStep(self.g, self.d_global, self.d_local, loss_weights, cfg.train.lr_g, cfg.train.lr_d,
+                               cfg.data.heatmap_sigma, amp_dtype=amp, vgg=vgg,
+                               compile_mode=None if cfg.train.compile == "off" else cfg.train.compile)
+        return state
+
+    def _restore(self, state: dict | None) -> tuple[int, float]:
+        """Weights and optimiser state from the checkpoint (or G from the model to fine-tune); -> (step, seconds
+        trained before)."""
         if state is not None:
-            print(f"[train] resumed from step {start}", flush=True)
-        elif loop_config.get("init_generator") is not None:
-            print(f"[train] generator initialised from {loop_config.get('init_from')}", flush=True)
-    # every worker says where it runs (the cluster test checks that workers spread over nodes)
-    print(f"[train] worker world_rank={rank} of {world} on node {ray.get_runtime_context().get_node_id()} "
-          f"pid {os.getpid()}", flush=True)
+            for module, key in ((self.g, "generator"), (self.d_global, "d_global"), (self.d_local, "d_local")):
+                unwrap(module).load_state_dict(state[key])
+            self.step_fn.load_state_dict(state["optimizers"])
+            return int(state["step"]), float(state.get("elapsed_s", 0.0))
+        if self.loop_config.get("init_generator") is not None:  # fine-tuning (retrain): G starts from a given model
+            unwrap(self.g).load_state_dict(self.loop_config["init_generator"])
+        return 0, 0.0
 
-    def train_batches(at_step: int, weights: dict[str, float]):
-        data = cfg.data.model_copy(update={"source_weights": weights})
-        ds = FaceShards(manifest, "train", data, rank=rank, world_size=world, seed=cfg.seed + at_step, epochs=None)
-        return iter(DataLoader(ds, batch_size=cfg.train.batch_size, num_workers=1, persistent_workers=True))
+    def _say_hello(self, state: dict | None) -> None:
+        if self.rank == 0:
+            print(f"[train] {self.cfg.name}: {self.world} worker(s) on {self.device}; {self.vgg_msg}", flush=True)
+            if state is not None:
+                print(f"[train] resumed from step {self.start}", flush=True)
+            elif self.loop_config.get("init_generator") is not None:
+                print(f"[train] generator initialised from {self.loop_config.get('init_from')}", flush=True)
+        # every worker says where it runs (the cluster test checks that workers spread over nodes)
+        print(f"[train] worker world_rank={self.rank} of {self.world} on node "
+              f"{ray.get_runtime_context().get_node_id()} pid {os.getpid()}", flush=True)
 
-    val_loader = DataLoader(FaceShards(manifest, "val", cfg.data, rank=rank, world_size=world,
-                                       limit=max(1, cfg.train.val_samples // world)), batch_size=cfg.train.batch_size)
-    grid_batch = next(iter(DataLoader(FaceShards(manifest, "val", cfg.data, limit=4), batch_size=4)))
+    def _train_batches(self, at_step: int):
+        data = self.cfg.data.model_copy(update={"source_weights": self.mix})
+        ds = FaceShards(self.manifest, "train", data, rank=self.rank, world_size=self.world,
+                        seed=self.cfg.seed + at_step, epochs=None)
+        return iter(DataLoader(ds, batch_size=self.cfg.train.batch_size, num_workers=1, persistent_workers=True))
 
-    tracker = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        tracker = BackgroundLogger(loop_config["mlflow_run_id"])
-    printer = ProgressPrinter(cfg, start, world) if rank == 0 else None
-    base_lr = [pg["lr"] for pg in step_fn.opt_g.param_groups]
-    aug_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + start)
-    t_loop = time.time()
-    t_last, n_last = t_loop, 0
-    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
-    clock = BudgetClock(cfg.train.steps, budget_s, cfg.train.sync_every,
-                        broadcast_from_rank0 if dist.is_available() and dist.is_initialized() else None)
-    done = clock(start, elapsed_before)  # rank 0's clock decides for all
-    mix = cfg.data.mix_at(done)
-    loader = train_batches(start, mix)
-    last_val: dict | None = None
-    step = start
-    try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            if done >= 1.0:
-                break  # resumed a run whose budget was already spent
-            if cfg.train.lr_schedule == "cosine":
-                for pg, lr0 in zip(step_fn.opt_g.param_groups, base_lr, strict=True):
-                    pg["lr"] = lr0 * cosine_factor(done)
-            step_fn.adversarial = cfg.loss.adversarial > 0 and done >= cfg.train.adversarial_start
-            if (now_mix := cfg.data.mix_at(done)) != mix:
-                mix = now_mix
-                del loader  # its reader process ends here
-                loader = train_batches(step, mix)
-                if rank == 0:
-                    print(f"[train] step {step:,}: the last {cfg.data.final_fraction:.0%} of the run reads the final "
-                          f"mix {mix}", flush=True)
-            batch = device_batch(next(loader), device, cfg, aug_rng)
-            logs = step_fn.step(batch)
-            if step == start + 1 and rank == 0 and cfg.train.compile != "off":
-                print(f"[train] torch.compile ({cfg.train.compile}): " + ", ".join(
-                    f"{name} {fw.running}" for name, fw in step_fn.forwards.items()), flush=True)
-            elapsed = elapsed_before + time.time() - t_loop
-            # this progress ends the run here or drives the next step's schedule, on every rank alike
-            done = clock(step, elapsed)
-            last = step == cfg.train.steps or done >= 1.0
-            n_last += len(batch["lr"]) * world
-            if printer is not None:
-                printer.step(step, done, logs, step_fn.opt_g.param_groups[0]["lr"], elapsed, force=last)
-            if tracker is not None and (step % 10 == 0 or step == start + 1):
-                tracker.log_metrics({f"train/{k}": float(v) for k, v in logs.items()}, step)
-            validating = step % cfg.train.val_every == 0 or last
-            checkpointing = step % cfg.train.checkpoint_every == 0 or last
-            if validating or (checkpointing and last_val is None):
-                last_val = validate(g, val_loader, device, cfg.data.heatmap_sigma)
-                last_val["val_step"] = step
-                if printer is not None:
-                    printer.validation(step, last_val)
-            if not (validating or checkpointing):
-                continue
-            dt = time.time() - t_last
-            metrics = {**last_val, "step": step, "samples_per_s": n_last / max(dt, 1e-9),
-                       **{f"train_{k}": float(v) for k, v in logs.items()}}
-            t_last, n_last = time.time(), 0
-            if not checkpointing:
-                ray.train.report(metrics)
-            elif rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    torch.save({**generator_state(g), "d_global": _state(d_global), "d_local": _state(d_local),
-                                "optimizers": step_fn.state_dict(), "step": step, "config": loop_config["config"],
-                                "elapsed_s": elapsed, "manifest_digest": manifest.get("digest", mf.digest(manifest))},
-                               Path(tmp) / CHECKPOINT_FILE)
-                    # the checkpoint reaches storage first; tracking follows, best-effort
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"step_{step:07d}")
-            else:
-                ray.train.report(metrics)
-            if tracker is not None and validating:
-                # a Tune trial's validation scores are logged by its driver-side callback (search.py): not twice
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"
-                                     and not (loop_config.get("validation_logged") and k.startswith("val_"))}, step)
-                tracker.log_image(image_grid(g, grid_batch, device), f"val_grid_step_{step:07d}.png", "grids")
-            if last:
-                break
-    finally:
-        if tracker is not None:
-            note = tracker.close(timeout_s=30)
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_loop
+
+    def train_step(self, step: int) -> dict:
+        """The schedules at this point of the run (learning rate, adversarial phase, source mix), one GAN step, and
+        the clock that says how far the run is (the same on every rank)."""
+        cfg, step_fn = self.cfg, self.step_fn
+        if cfg.train.lr_schedule == "cosine":
+            for pg, lr0 in zip(step_fn.opt_g.param_groups, self.base_lr, strict=True):
+                pg["lr"] = lr0 * cosine_factor(self.done)
+        step_fn.adversarial = cfg.loss.adversarial > 0 and self.done >= cfg.train.adversarial_start
+        if (mix := cfg.data.mix_at(self.done)) != self.mix:
+            self.mix = mix
+            del self.loader  # its reader process ends here
+            self.loader = self._train_batches(step)
+            if self.rank == 0:
+                print(f"[train] step {step:,}: the last {cfg.data.final_fraction:.0%} of the run reads the final "
+                      f"mix {mix}", flush=True)
+        batch = device_batch(next(self.loader), self.device, cfg, self.aug_rng)
+        logs = step_fn.step(batch)
+        if step == self.start + 1 and self.rank == 0 and cfg.train.compile != "off":
+            print(f"[train] torch.compile ({cfg.train.compile}): " + ", ".join(
+                f"{name} {fw.running}" for name, fw in step_fn.forwards.items()), flush=True)
+        self.done = self.clock(step, self.elapsed())
+        self.finished = step == cfg.train.steps or self.done >= 1.0
+        self.samples_since_report += len(batch["lr"]) * self.world
+        if self.printer is not None:
+            self.printer.step(step, self.done, logs, step_fn.opt_g.param_groups[0]["lr"], self.elapsed(),
+                              force=self.finished)
+        if self.tracker is not None and (step % 10 == 0 or step == self.start + 1):
+            self.tracker.log_metrics({f"train/{k}": float(v) for k, v in logs.items()}, step)
+        return logs
+
+    def due(self, step: int) -> tuple[bool, bool]:
+        """(validate, checkpoint) at this step: on their rhythms, and both at the last step."""
+        t = self.cfg.train
+        return step % t.val_every == 0 or self.finished, step % t.checkpoint_every == 0 or self.finished
+
+    def validate(self, step: int) -> dict:
+        self.last_val = {**validate(self.g, self.val_loader, self.device, self.cfg.data.heatmap_sigma),
+                         "val_step": step}
+        if self.printer is not None:
+            self.printer.validation(step, self.last_val)
+        return self.last_val
+
+    def report(self, step: int, logs: dict, validated: bool, checkpoint: bool) -> None:
+        """Every rank reports (Ray Train waits for all); rank 0 adds the checkpoint, which reaches storage before
+        MLflow hears anything, and then hands metrics and the val grid to the background logger."""
+        metrics = {**self.last_val, "step": step,
+                   "samples_per_s": self.samples_since_report / max(time.time() - self.t_report, 1e-9),
+                   **{f"train_{k}": float(v) for k, v in logs.items()}}
+        self.t_report, self.samples_since_report = time.time(), 0
+        if checkpoint and self.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({**generator_state(self.g), "d_global": _state(self.d_global),
+                            "d_local": _state(self.d_local), "optimizers": self.step_fn.state_dict(), "step": step,
+                            "config": self.loop_config["config"], "elapsed_s": self.elapsed(),
+                            "manifest_digest": self.manifest.get("digest", mf.digest(self.manifest))},
+                           Path(tmp) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step_{step:07d}")
+        else:
+            ray.train.report(metrics)
+        if self.tracker is not None and validated:
+            # one name per metric in MLflow: the losses are logged as train/<loss> every 10 steps, not again here; a
+            # Tune trial's validation scores are logged by its driver-side callback (search.py), not twice
+            skip_val = self.loop_config.get("validation_logged")
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step" and not k.startswith("train_")
+                                      and not (skip_val and k.startswith("val_"))}, step)
+            self.tracker.log_image(image_grid(self.g, self.grid_batch, self.device), "val_grid", step)
+
+    def close(self, step: int) -> None:
+        if self.system is not None:
+            self.system.finish()
+        if self.tracker is not None:
+            note = self.tracker.close(timeout_s=30)
             if note:
                 print(f"[train] {note}", flush=True)
-    if rank == 0:
-        print(f"[train] stopped at step {step:,} after {fmt_duration(elapsed_before + time.time() - t_loop)} of "
-              f"training (pid {os.getpid()})", flush=True)
+        if self.rank == 0:
+            print(f"[train] stopped at step {step:,} after {fmt_duration(self.elapsed())} of training "
+                  f"(pid {os.getpid()})", flush=True)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Set up (or restore), then step by step: train, validate when due, report (with a checkpoint) when due."""
+    run = WorkerRun(loop_config)
+    step = run.start
+    try:
+        for step in range(run.start + 1, run.cfg.train.steps + 1):
+            if run.finished:
+                break
+            logs = run.train_step(step)
+            validating, checkpointing = run.due(step)
+            if validating or (checkpointing and run.last_val is None):
+                run.validate(step)
+            if validating or checkpointing:
+                run.report(step, logs, validated=validating, checkpoint=checkpointing)
+    finally:
+        run.close(step)
