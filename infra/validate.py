@@ -7,14 +7,17 @@
 - KubeRay objects (RayCluster, RayJob; ray.io/v1): the subset of the KubeRay v1 API these manifests use, as a
   JSON schema written here (unknown fields are errors), and every pod template inside them as a Kubernetes
   ``PodTemplate``.  The operator's own CRD is not needed, and nothing is fetched.
-- ray_cluster.yaml: Ray's own cluster-launcher validation (``ray.autoscaler``), as ``ray up`` runs it.
+- ray_cluster.yaml: Ray's own cluster-launcher validation (``ray.autoscaler``), as ``ray up`` runs it; every
+  ``ray start`` with token auth and the token file on every node; the dashboard on the head's loopback.
 - systemd units: ``systemd-analyze verify``-style checks that need no systemd: sections and keys, and the
   timer's calendar expression through ``systemd-analyze calendar`` where that tool exists.
 - Dockerfile: the base image's Ray version and the torch pin match pyproject.toml.
 - Security, on every file: pods run as non-root with no privilege escalation and every capability dropped; no
   secret value or secret variable on a command line; no Secret with a placeholder value; MLflow behind its
-  basic-auth app; Ray pods with token authentication and the token from a Secret; a default-deny NetworkPolicy
-  with policies for MLflow, its database and the Ray cluster.
+  basic-auth app; Ray pods with token authentication and the token from a Secret; the dashboard / Jobs API on
+  the head pod's loopback (``dashboard-host: 127.0.0.1``; KubeRay's default is every interface), so a RayJob
+  submits from beside the head (SidecarMode); a default-deny NetworkPolicy with policies for MLflow, its database
+  and the Ray cluster.
 """
 
 from __future__ import annotations
@@ -151,6 +154,48 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
     return []
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _clusters(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    return [spec] if doc.get("kind") == "RayCluster" else [spec["rayClusterSpec"]] if "rayClusterSpec" in spec else []
+
+
+def check_dashboard(doc: dict, where: str) -> None:
+    """The Jobs API runs any code it is sent: the head's dashboard listens on its loopback, and a RayJob that
+    creates its cluster submits from beside the head."""
+    kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
+    for c in _clusters(doc):
+        host = c.get("headGroupSpec", {}).get("rayStartParams", {}).get("dashboard-host")
+        if host not in LOOPBACK_HOSTS:
+            raise Invalid(f"{where}: {kind}/{name}: headGroupSpec.rayStartParams.dashboard-host is {host!r}; set "
+                          "\"127.0.0.1\" (KubeRay's default is 0.0.0.0: the Jobs API, which runs any code it is sent, "
+                          "on the pod network) and reach it with kubectl port-forward")
+        if kind == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") not in ("SidecarMode",
+                                                                                      "InteractiveMode"):
+            raise Invalid(f"{where}: RayJob/{name}: a {doc['spec'].get('submissionMode', 'K8sJobMode')} submitter "
+                          "cannot reach a dashboard on the head's loopback; use submissionMode: SidecarMode")
+
+
+def check_ray_cluster_launcher(config: dict, where: str = "ray_cluster.yaml") -> None:
+    """Every node starts Ray with token auth and has the cluster's token; the head's dashboard stays on loopback."""
+    mounts = config.get("file_mounts") or {}
+    if not any(str(dst).endswith(".ray/auth_token") for dst in mounts):
+        raise Invalid(f"{where}: no file_mounts entry copies the cluster's token to ~/.ray/auth_token on every node "
+                      "(`ray get-auth-token --generate` makes it locally)")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in config.get(key) or []:
+            if "ray start" not in cmd:
+                continue
+            if "RAY_AUTH_MODE=token" not in cmd:
+                raise Invalid(f"{where}: {key}: `{cmd}` starts Ray without token auth (prefix RAY_AUTH_MODE=token)")
+            m = re.search(r"--dashboard-host[= ](\S+)", cmd)
+            if m and m.group(1).strip("'\"") not in LOOPBACK_HOSTS:
+                raise Invalid(f"{where}: {key}: --dashboard-host={m.group(1)} puts the Jobs API, which runs any code "
+                              "it is sent, on the network; keep it on 127.0.0.1 (`ray dashboard ray_cluster.yaml`)")
+
+
 def check_security(doc: dict, where: str) -> None:
     """Non-root pods without privileges, credentials only from Secrets and never on a command line."""
     kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
@@ -187,6 +232,8 @@ def check_security(doc: dict, where: str) -> None:
             raise Invalid(f"{where}: Deployment/mlflow must run behind MLflow's basic-auth app (--app-name basic-auth)")
     if kind == "ConfigMap" and name == "prouigan-env" and doc.get("data", {}).get("RAY_AUTH_MODE") != "token":
         raise Invalid(f"{where}: ConfigMap/prouigan-env must set RAY_AUTH_MODE: token")
+    if kind in KUBERAY_SCHEMAS:
+        check_dashboard(doc, where)
 
 
 def check_network_policies(docs: list[dict]) -> None:
@@ -215,11 +262,13 @@ def validate_k8s_file(path: Path) -> list[str]:
 def validate_ray_cluster(path: Path) -> str:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    config = yaml.safe_load(path.read_text())
     try:
-        validate_config(prepare_config(yaml.safe_load(path.read_text())))
+        validate_config(prepare_config(config))
     except Exception as e:
         raise Invalid(f"{path.name}: {e}") from None
-    return "ray cluster launcher config"
+    check_ray_cluster_launcher(config, path.name)
+    return "ray cluster launcher config, token auth, dashboard on loopback"
 
 
 def validate_systemd(path: Path) -> str:

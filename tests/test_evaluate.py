@@ -7,11 +7,14 @@ face), "bad" is the same network with its RGB heads amplified (loud noise over t
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -159,6 +162,22 @@ def test_the_gate_promotes_better_models_only_and_never_on_a_partial_evaluation(
     assert client.get_model_version(MODEL, versions["bad"]).tags["gate.reason"].startswith("evaluation failed")
 
 
+def _png(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _post(port: int, payload: dict) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def test_the_champion_serves_over_http(stack, faces, versions, tmp_path):
     from prouigan_platform.stack import free_port
 
@@ -192,6 +211,21 @@ def test_the_champion_serves_over_http(stack, faces, versions, tmp_path):
         os.environ.update(stack.env())
         want = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(faces16)
         np.testing.assert_array_equal(got, want)
+        # image-native: a PNG file of a 16x16 face in (base64 in MLflow's JSON), a 128x128 PNG out, as from arrays
+        png = tmp_path / "face16.png"
+        Image.fromarray(faces16[0]).save(png)
+        code, body = _post(port, {"inputs": [base64.b64encode(png.read_bytes()).decode()]})
+        assert code == 200, body[:2000]
+        out = Image.open(io.BytesIO(base64.b64decode(json.loads(body)["predictions"][0])))
+        assert out.format == "PNG" and out.size == (128, 128)
+        np.testing.assert_array_equal(np.asarray(out.convert("RGB")), want[0])
+        # a bad image is a 400 with one line saying what is wrong, not a stack trace
+        for bad, why in (("bm90IGFuIGltYWdl", "not a readable PNG or JPEG"),
+                         (base64.b64encode(_png((20, 16))).decode(), "20x16 pixels, expected 16x16")):
+            code, body = _post(port, {"inputs": [bad]})
+            error = json.loads(body)
+            assert code == 400 and why in error["message"], body[:2000]
+            assert "stack_trace" not in error and "Traceback" not in body
     finally:
         proc.terminate()
         try:

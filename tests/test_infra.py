@@ -22,7 +22,7 @@ def _docs(name: str) -> list[dict]:
 def test_every_infra_file_validates():
     checked = dict(infra.validate_all())
     kinds = " ".join(checked.values())
-    for kind in ("RayCluster/", "RayJob/", "CronJob/", "Deployment/mlflow", "StatefulSet/mlflow-db", "ConfigMap/",
+    for kind in ("RayCluster/", "RayJob/", "Deployment/mlflow", "StatefulSet/mlflow-db", "ConfigMap/",
                  "NetworkPolicy/prouigan-default-deny"):
         assert kind in kinds
     assert "Secret/" not in kinds  # secrets come from a secret manager, never from the repository
@@ -33,11 +33,11 @@ def test_every_infra_file_validates():
 @pytest.mark.parametrize("file,mutate,message", [
     ("mlflow.yaml", lambda d: d[3]["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicyy="Always"),
      "imagePullPolicyy"),
-    ("cronjob-retrain.yaml", lambda d: d[0]["spec"].update(concurrencyPolicy=3), "concurrencyPolicy"),
+    ("mlflow.yaml", lambda d: d[3]["spec"].update(replicas="one"), "replicas"),
     ("raycluster.yaml", lambda d: d[0]["spec"]["workerGroupSpecs"][0].update(replica=2), "replica"),
     ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
      .update(resources={"limits": {"cpu": [4]}}), "headGroupSpec.template"),
-    ("rayjob-train.yaml", lambda d: d[0]["spec"].pop("clusterSelector"), "is not valid under any of the given"),
+    ("rayjob-train.yaml", lambda d: d[0]["spec"].pop("rayClusterSpec"), "is not valid under any of the given"),
 ])
 def test_the_checks_reject_broken_manifests(file, mutate, message):
     docs = copy.deepcopy(_docs(file))
@@ -65,6 +65,11 @@ def _mlflow_container(d):
     ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("env"),
      "RAY_AUTH_TOKEN"),
     ("prouigan-env.yaml", lambda d: d[0]["data"].update(RAY_AUTH_MODE="disabled"), "RAY_AUTH_MODE"),
+    ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"]["rayStartParams"].update({"dashboard-host": "0.0.0.0"}),
+     "dashboard-host is '0.0.0.0'"),
+    ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"]["rayStartParams"].pop("dashboard-host"),
+     "dashboard-host is None"),
+    ("rayjob-train.yaml", lambda d: d[0]["spec"].update(submissionMode="K8sJobMode"), "SidecarMode"),
 ])
 def test_the_security_checks_reject_weakened_manifests(file, mutate, message):
     docs = copy.deepcopy(_docs(file))
@@ -98,3 +103,17 @@ def test_a_bad_timer_schedule_and_a_drifted_pin_are_caught(tmp_path):
     docker.write_text((REPO / "infra/docker/Dockerfile").read_text().replace("ray:2.60.0", "ray:2.40.0"))
     with pytest.raises(infra.Invalid, match="is not Ray 2.60.0"):
         infra.validate_dockerfile(docker)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda c: c["head_start_ray_commands"].__setitem__(1, c["head_start_ray_commands"][1].replace(
+        "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")), "--dashboard-host=0.0.0.0"),
+    (lambda c: c["worker_start_ray_commands"].__setitem__(1, "ray start --address=$RAY_HEAD_IP:6379"), "token auth"),
+    (lambda c: c["file_mounts"].pop("/home/ubuntu/.ray/auth_token"), "auth_token"),
+])
+def test_the_cluster_launcher_config_must_keep_token_auth_and_a_loopback_dashboard(mutate, message):
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    infra.check_ray_cluster_launcher(config)
+    mutate(config)
+    with pytest.raises(infra.Invalid, match=message):
+        infra.check_ray_cluster_launcher(config)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import UserError, stop_on_sigterm, stop_reason
 
 # name -> one-line help; the work of each is prouigan_platform/commands/<name>.py
 COMMANDS = {
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the run's address
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    stop_on_sigterm()  # a SIGTERM (`ray job stop`, a scheduler) unwinds like Ctrl-C: runs end KILLED, locks freed
     try:
         if args.command in USES_STACK:
             # before Ray or MLflow is imported: Ray reads its auth settings (RAY_AUTH_MODE, the token path) once
@@ -184,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         # the command's module imports what its work needs (torch, Ray, MLflow): only now, after parsing
         command = importlib.import_module(f"prouigan_platform.commands.{args.command}")
         return int(command.run(args) or 0)
-    except KeyboardInterrupt:
-        print("prouigan: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Stopped)
+        why = stop_reason(e)
+        print(f"prouigan {args.command}: {why}", file=sys.stderr)
+        return 143 if "SIGTERM" in why else 130
     except Exception as e:
         code = _expected(e)
         if code is None or args.verbose:

@@ -9,9 +9,13 @@ class UserError(Exception):
         self.code = code
 
 
-class Stopped(BaseException):
-    """The process was asked to stop (SIGTERM: `ray job stop`, a scheduler, `kill`).  A BaseException, like
-    KeyboardInterrupt, so that no ``except Exception`` swallows it on the way out; runs end KILLED."""
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM: `ray job stop`, a scheduler, `kill`).  A KeyboardInterrupt, so that it
+    unwinds like Ctrl-C, also out of a blocking ``ray.get`` (Ray turns only a KeyboardInterrupt raised by a signal
+    handler into an interrupt, and raises a plain KeyboardInterrupt then: ``stop_reason`` remembers the signal)."""
+
+
+_signalled: str | None = None
 
 
 def stop_on_sigterm() -> None:
@@ -19,6 +23,13 @@ def stop_on_sigterm() -> None:
     import signal
 
     def handler(signum, frame):
-        raise Stopped("stopped by SIGTERM")
+        global _signalled
+        _signalled = "stopped by SIGTERM"
+        raise Stopped(_signalled)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def stop_reason(error: BaseException) -> str:
+    """Why an interrupted process stopped: the signal it got, else Ctrl-C."""
+    return _signalled or (str(error) if isinstance(error, Stopped) else "interrupted (Ctrl-C)")

@@ -25,6 +25,7 @@ from PIL import Image
 from prouigan.inference import Hallucinator
 from prouigan_platform.config import Config
 from prouigan_platform.errors import UserError
+from prouigan_platform.tracking import dataset_name as tracking_dataset_name
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODEL_DESCRIPTION = (
@@ -51,15 +52,17 @@ class ModelCard:
     run_id: str
     checkpoint: str
 
+    def dataset_name(self) -> str:
+        return tracking_dataset_name(self.manifest)
+
     def tags(self) -> dict[str, str]:
+        """A few, for the registry's version list; the description has the rest."""
         m = self.metrics
-        tags = {"recipe": self.cfg.name, "model.preset": self.cfg.model.preset, "step": str(m.get("step", "")),
-                "data_manifest": self.manifest["_uri"], "data_manifest_digest": self.manifest["digest"],
-                "dataset_version": str(self.manifest.get("version", "")), "checkpoint": self.checkpoint}
-        for k in ("val_psnr", "val_psnr_occluded", "val_ssim", "val_nme", "val_bicubic_psnr",
-                  "val_bicubic_psnr_occluded"):
+        tags = {"recipe": self.cfg.name, "dataset": self.dataset_name(),
+                "data_manifest_digest": self.manifest["digest"]}
+        for k in ("val_psnr", "val_bicubic_psnr"):
             if isinstance(m.get(k), (int, float)):
-                tags[k] = f"{m[k]:.4f}"
+                tags[k] = f"{m[k]:.2f}"
         return tags
 
     def description(self, name: str, version: str) -> str:
@@ -76,9 +79,13 @@ class ModelCard:
                     + f" | {better} |\n")
 
         uri = f"models:/{name}/{version}"
+        summary = f"Pro-UIGAN {self.cfg.model.preset}, recipe {self.cfg.name}, dataset {self.dataset_name()}"
+        if isinstance(m.get("val_psnr"), (int, float)) and isinstance(m.get("val_bicubic_psnr"), (int, float)):
+            summary += f": val PSNR {m['val_psnr']:.2f} dB (bicubic {m['val_bicubic_psnr']:.2f} dB)"
         lines = [
-            f"**Pro-UIGAN `{self.cfg.model.preset}`**, recipe `{self.cfg.name}`, trained by MLflow run "
-            f"`{self.run_id}` (best checkpoint at step {m.get('step', '?')}: `{self.checkpoint}`).",
+            summary + ".",
+            f"Trained by MLflow run `{self.run_id}`; best checkpoint at step {m.get('step', '?')}: "
+            f"`{self.checkpoint}`.",
             f"**Dataset** `{man['_uri']}` (version {man.get('version')}, digest `{man['digest']}`): "
             f"{counts.get('train', 0):,} train / {counts.get('val', 0):,} val / {counts.get('test', 0):,} test faces"
             + (f" ({by_source})" if by_source else "") + ".",

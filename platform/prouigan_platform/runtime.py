@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from prouigan_platform import stack
+from prouigan_platform.errors import stop_on_sigterm
 from prouigan_platform.paths import state_dir as default_state_dir
 
 # what every Ray worker needs to reach the same services and store as the driver
@@ -85,6 +87,8 @@ def init_ray(local: bool = False, **kwargs):
     ray.init(runtime_env=runtime_env, log_to_driver=kwargs.pop("log_to_driver", True),
              logging_level=logging.INFO if verbose() else logging.WARNING,
              logging_config=ray.LoggingConfig(log_level=level), **kwargs)
+    if threading.current_thread() is threading.main_thread():
+        stop_on_sigterm()  # ray.init made SIGTERM a bare sys.exit; ours unwinds as a stop (runs end KILLED)
     return ray
 
 

@@ -26,7 +26,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
 from prouigan_platform.config import Config
-from prouigan_platform.errors import Stopped
+from prouigan_platform.errors import stop_reason
 
 # the tag vocabulary of every run the platform makes
 TAG_PIPELINE = "pipeline"  # train, tune, tune-trial, retrain, hello
@@ -69,6 +69,12 @@ def log_config(run_id: str, config: Config) -> None:
     client.set_tag(run_id, TAG_CONFIG_DIGEST, config.digest())
 
 
+def dataset_name(manifest: dict) -> str:
+    """``<dataset root's folder>@v<version>``, e.g. ``mixed@v0003``: how runs and model versions name a version."""
+    root = manifest["_uri"].rsplit("/manifests/", 1)[0].rstrip("/")
+    return f"{root.rsplit('/', 1)[-1]}@v{int(manifest.get('version', 0)):04d}"
+
+
 class ManifestDataset(MetaDataset):
     """A dataset version as MLflow sees it: the manifest's URI as source, its content digest, and a profile of
     its counts per split and per source (shown in the run's Datasets panel)."""
@@ -80,12 +86,10 @@ class ManifestDataset(MetaDataset):
         with warnings.catch_warnings():  # a local path matches two of MLflow's local source kinds; either will do
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(uri)
-        root = uri.rsplit("/manifests/", 1)[0].rstrip("/")
         self._profile = {"version": manifest.get("version"), "counts": manifest.get("counts", {}),
                          "counts_by_source": manifest.get("counts_by_source", {}),
                          "quarantined": manifest.get("quarantined", 0)}
-        super().__init__(source, name=f"{root.rsplit('/', 1)[-1]}@v{int(manifest.get('version', 0)):04d}",
-                         digest=manifest["digest"])
+        super().__init__(source, name=dataset_name(manifest), digest=manifest["digest"])
 
     @property
     def profile(self) -> dict:
@@ -117,7 +121,12 @@ def open_run(config: Config, pipeline: str, run_name: str, *, manifest: dict | N
                 client.set_tag(run_id, k, v)
             client.update_run(run_id, status="RUNNING")
             return run_id
-    all_tags = {TAG_PIPELINE: pipeline, TAG_GIT: git_commit(), **(tags or {})}
+    # mlflow.note.content is the run's description on its page; mlflow.source.name its "Source"
+    all_tags = {TAG_PIPELINE: pipeline, TAG_GIT: git_commit(), "mlflow.source.name": f"prouigan {pipeline}",
+                "mlflow.source.type": "JOB",
+                "mlflow.note.content": f"`prouigan {pipeline}` of recipe `{config.name}`"
+                + (f" on dataset `{dataset_name(manifest)}` ({manifest['_uri']})" if manifest else "") + ".",
+                **(tags or {})}
     if find_tag is not None:
         all_tags[find_tag[0]] = find_tag[1]
     if parent_run_id:
@@ -136,12 +145,11 @@ def end_run(run_id: str | None, error: BaseException | None = None, log=None) ->
     reported on stderr, never raised: the pipeline's own outcome stands."""
     if not run_id:
         return
-    status = "FINISHED" if error is None else ("KILLED" if isinstance(error, (KeyboardInterrupt, Stopped))
-                                               else "FAILED")
+    status = "FINISHED" if error is None else ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
     try:
         client = mlflow.MlflowClient()
         if status == "KILLED":
-            client.set_tag(run_id, TAG_STOPPED, str(error) or type(error).__name__)
+            client.set_tag(run_id, TAG_STOPPED, stop_reason(error))
         elif error is not None:
             client.set_tag(run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
         client.set_terminated(run_id, status)
@@ -265,15 +273,31 @@ class BackgroundLogger:
         return ""
 
 
-def system_metrics(run_id: str, node: str):
+class NodeMetrics:
     """CPU, memory, disk, network (and GPU where there is one) of this node, logged to the run as
-    ``system/<node>/...`` every 10 s until ``.finish()``; None when the monitor cannot start."""
-    try:
+    ``system/<node>/...`` every 10 s by MLflow's monitor, and once more at ``finish`` (so a run shorter than one
+    interval still has a sample per node)."""
+
+    def __init__(self, run_id: str, node: str):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=True)
-        monitor.start()
-        return monitor
+        self.monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=True)
+        self.monitor.start()
+
+    def finish(self) -> None:
+        try:
+            self.monitor.finish()
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            self.monitor.mlflow_logger.flush()
+        except Exception as e:  # best-effort, like all tracking
+            print(f"[tracking] system metrics: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def system_metrics(run_id: str, node: str) -> NodeMetrics | None:
+    """This node's system metrics into the run until ``.finish()``; None when the monitor cannot start."""
+    try:
+        return NodeMetrics(run_id, node)
     except Exception as e:  # best-effort, like all tracking
         print(f"[tracking] no system metrics for node {node}: {type(e).__name__}: {e}", file=sys.stderr)
         return None

@@ -24,7 +24,6 @@ from prouigan.presets import generator_config
 from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config, ConfigError, load_config
 from prouigan_platform.dataset.reader import mix_weights
-from prouigan_platform.errors import Stopped
 from prouigan_platform.registry import ModelCard, log_and_register
 from prouigan_platform.runtime import verbose
 from prouigan_platform.training.process_group import NodeAddressTorchConfig
@@ -139,7 +138,7 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
             if result.error is not None:
                 raise result.error
             return _register(cfg, manifest, result, run_id)
-    except (KeyboardInterrupt, Stopped):
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Stopped)
         print(f"[train] stopped; run the same command again to resume '{cfg.name}' from its latest checkpoint under "
               f"{storage.join(cfg.train.storage, cfg.name)}", file=sys.stderr)
         raise
