@@ -35,7 +35,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-OCCLUSION_KINDS = ["random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes"]
 COVERAGE = (0.1, 0.35)
 
 
@@ -68,6 +67,7 @@ def make_batch(hr_u8, lms, has, idx, rng_for):
 
     from prouigan.degradation import degrade
     from prouigan.occlusion import synthesize
+    from prouigan.vocabulary import OCCLUSION_KINDS
 
     lr, hr, mask = [], [], []
     for i in idx:

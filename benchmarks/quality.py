@@ -41,6 +41,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from prouigan.degradation import upsample_bicubic
     from prouigan_platform.config import DataConfig
     from prouigan_platform.evaluation import BICUBIC, evaluate, load_split, table_rows, to_u8
     from prouigan_platform.registry import resolve_model
@@ -52,9 +53,8 @@ def main() -> None:
         if not path:
             raise SystemExit(f"--model wants NAME=checkpoint, got {spec!r}")
         models[name] = resolve_model(path)
-    data = load_split(a.dataset, a.split, DataConfig())
-    print(f"{len(data.keys)} {a.split} faces ({int(data.has_landmarks.sum())} with 68-point ground truth)")
-    ev = evaluate(models, data)
+    ev = evaluate(models, a.dataset, a.split, DataConfig(), case_model=None)
+    print(f"{len(ev.data.keys)} {a.split} faces")
     head, rows = table_rows(ev)
     print("\n" + " | ".join(head))
     for r in rows:
@@ -62,11 +62,12 @@ def main() -> None:
     Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json_out).write_text(json.dumps({"models": a.model, **ev.to_json()}, indent=1))
 
-    # grid: occluded input (nearest x8) | bicubic | each model | original
+    # grid: occluded input (nearest x8) | bicubic | each model | original, for faces spread over the split
+    data = load_split(a.dataset, a.split, DataConfig(), limit=max(a.grid_rows * 8, 64))
     n = min(a.grid_rows, len(data.keys))
     pick = np.linspace(0, len(data.keys) - 1, n).round().astype(int)
-    cols = [torch.nn.functional.interpolate(data.lr[pick], size=128, mode="nearest")]
-    cols += [m.final[pick] for m in ev.methods.values()] + [data.hr[pick]]
+    outs = [upsample_bicubic(data.lr[pick])] + [h(data.lr[pick]) for h in models.values()]
+    cols = [torch.nn.functional.interpolate(data.lr[pick], size=128, mode="nearest"), *outs, data.hr[pick]]
     grid = torch.cat([torch.cat([c[i] for c in cols], dim=2) for i in range(n)], dim=1)
     Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_u8(grid[None])[0]).save(a.grid)

@@ -1,6 +1,7 @@
 """Samples/s and model FLOP utilisation of one full adversarial training step (G + global D + local D) on one device.
 
-Side by side in one run, per batch size: TF32 vs bf16 autocast, eager vs ``torch.compile``, with the batch already
+Side by side in one run, per batch size: TF32 (fp32 on a CPU) vs bf16 autocast (on a GPU, and on a CPU with bf16
+instructions), eager vs ``torch.compile``, with the batch already
 on the device ("data out"); then, where ``--dataset`` is given, the fastest of those fed by the platform's reader:
 occlusions and degradations made in the DataLoader processes ("in") or a batch at a time on the device ("dev",
 ``data.occlusion.on_device``); and the data path alone, both ways.  FLOPs per sample are
@@ -150,7 +151,11 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; preset {a.preset}; "
           f"{fps / 1e9:.1f} GFLOP per sample per step (G + 2 D, forward + backward, flop_counter)")
     print("peak (dense): " + (f"TF32 {peak[0]:.0f}, bf16 {peak[1]:.0f} TFLOP/s" if peak else "unknown: no MFU"))
-    precisions = [False, True] if device.type == "cuda" else [False]
+    from prouigan.training import cpu_bf16_supported
+
+    precisions = [False, True] if device.type == "cuda" or cpu_bf16_supported() else [False]
+    if device.type == "cpu" and not cpu_bf16_supported():
+        print("bf16: this CPU has no bf16 instructions (oneDNN finds none): fp32 rows only")
     compiles = [None] if a.no_compile else [None, a.compile_mode]
     header = f"{'batch':>5} {'precision':>9} {'compile':>16} {'data':>5} {'samples/s':>10} {'ms/step':>8} " \
              f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} finite"

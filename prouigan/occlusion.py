@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prouigan.ibug import LEFT_EYE, MOUTH, RIGHT_EYE
+from prouigan.vocabulary import NEEDS_LANDMARKS, OCCLUSION_KINDS
 
-KINDS = ("random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes")
-NEEDS_LANDMARKS = {"sunglasses", "mask", "hand"}
+KINDS, NEEDS_LANDMARKS = OCCLUSION_KINDS, set(NEEDS_LANDMARKS)
 SKIN = np.array([(255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36)]) / 255.0
 MASK_COLOURS = ((0.95, 0.95, 0.95), (0.55, 0.75, 0.9), (0.1, 0.1, 0.12))  # white, surgical blue, black
 

@@ -20,16 +20,45 @@ class GeneratorConfig:
     fuse_kernel: int = 3  # kernel of the conv fusing attended face and landmark features (1 or 3)
     priors: bool = True  # False: the plain residual CNN baseline (no prior branch, no attention)
 
+    def __post_init__(self):
+        """Sizes a generator can be built with on any real machine: a checkpoint's config is input, and a crafted
+        one must be a clear error, not a request for terabytes."""
+        for name, (lo, hi) in LIMITS.items():
+            v = getattr(self, name)
+            values = v if isinstance(v, tuple) else (v,)
+            if name in ("channels", "blocks") and len(values) != 3:
+                raise ValueError(f"generator {name} must be three numbers, got {v!r}")
+            for x in values:
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo <= x <= hi:
+                    raise ValueError(f"generator {name} = {v!r} is outside {lo}..{hi}")
+        if self.fuse_kernel not in (1, 3):
+            raise ValueError(f"generator fuse_kernel must be 1 or 3, got {self.fuse_kernel!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> GeneratorConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a generator config is a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown generator field(s) {unknown}")
         d = dict(d)
         for k in ("channels", "blocks"):
             if k in d:
+                if not isinstance(d[k], (list, tuple)):
+                    raise ValueError(f"generator {k} must be three numbers, got {d[k]!r}")
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+# the bounds every generator config must keep (the paper-sized model is well inside them)
+LIMITS: dict[str, tuple[float, float]] = {
+    "channels": (1, 2048), "blocks": (0, 64), "prior_channels": (1, 1024), "prior_blocks": (0, 32),
+    "num_points": (1, 256), "attn_dim": (1, 1024), "attn_max_tokens": (1, 65536), "attn_gamma_init": (-10, 10),
+    "prior_max_size": (1, 128), "fuse_kernel": (1, 3),
+}
 
 
 PRESETS: dict[str, GeneratorConfig] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-REGIONS = ("eyes", "brows", "nose", "mouth", "skin")
+from prouigan.vocabulary import REGIONS
 
 
 def _poly(draw: ImageDraw.ImageDraw, pts: np.ndarray, width: int = 0) -> None:

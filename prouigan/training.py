@@ -25,6 +25,31 @@ def cosine_factor(progress: float, floor: float = 0.02) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bf16 natively (oneDNN finds its bf16 instructions: AVX512-BF16, AMX): detected, never
+    assumed."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(device: torch.device, bf16: bool) -> tuple[torch.dtype | None, str]:
+    """(the dtype G and both Ds run in under autocast, or None for fp32; a line saying which and why).  Parameters,
+    optimizer state and every loss stay fp32 either way."""
+    if not bf16:
+        return None, "fp32 (train.bf16=false)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16 autocast on the GPU (losses and optimizer state fp32)"
+        return None, "fp32: this GPU has no bf16"
+    if device.type == "cpu":
+        if cpu_bf16_supported():
+            return torch.bfloat16, "bf16 autocast on the CPU, found to have bf16 instructions (losses, optimizer fp32)"
+        return None, "fp32: this CPU has no bf16 instructions (oneDNN finds none)"
+    return None, f"fp32 on {device.type}"
+
+
 def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     """Adam with the fused kernel for CUDA parameters, the multi-tensor (foreach) one otherwise."""
     params = list(params)

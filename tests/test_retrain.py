@@ -88,18 +88,16 @@ def test_a_second_retrain_started_meanwhile_does_nothing(stack, seeded):
 
 def test_two_gates_racing_for_the_champion_cannot_both_promote(stack, seeded, tmp_path):
     """Both compared against the same champion; the compare-and-set under the registry lock lets one move it."""
-    from prouigan_platform.config import load_config
     from prouigan_platform.locks import registry_lock
 
     client, _ = seeded
-    cfg = load_config("smoke", _common(stack, 30)[2:])
     a, b = _register(stack, "good", tmp_path, MODEL), _register(stack, "good", tmp_path, MODEL)
     expected = client.get_model_version_by_alias(MODEL, gate.CHAMPION).version
     start, results = threading.Barrier(2), {}
 
     def promote(v):
         start.wait()
-        results[v] = gate.move_champion(MODEL, v, expected, lock=registry_lock(cfg, MODEL))
+        results[v] = gate.move_champion(MODEL, v, expected, lock=registry_lock(MODEL))
 
     threads = [threading.Thread(target=promote, args=(v,)) for v in (a, b)]
     for t in threads:

@@ -8,6 +8,7 @@ the same command as a script, for ``ray job submit``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -206,21 +207,30 @@ def _expected(e: Exception) -> int | None:
         return e.code
     if isinstance(e, ConfigError):
         return 2
-    from prouigan_platform.locks import LockHeld
+    from prouigan_platform.locks import LockHeld, LockLost
 
-    if isinstance(e, LockHeld):
+    if isinstance(e, (LockHeld, LockLost)):
         return 3
     from prouigan_platform.stack import StackError
 
-    if isinstance(e, (StackError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(e, StackError):
+        return e.code
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return 1
+    if isinstance(e, OSError) and e.errno in USER_ERRNOS:  # the machine's, not a bug: a full disk, a read-only one
         return 1
     return None
+
+
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EMFILE, errno.ENAMETOOLONG}
 
 
 def _message(e: Exception) -> str:
     """One line; a stack failure keeps the log lines it quotes."""
     from prouigan_platform.stack import StackError  # see _expected
 
+    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     text = str(e).strip() or type(e).__name__
     return text if isinstance(e, StackError) else " ".join(text.split())
 

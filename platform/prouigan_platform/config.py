@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.resources
 import json
 import re
 from pathlib import Path
@@ -18,11 +19,21 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prouigan.presets import generator_config
+from prouigan.presets import PRESETS, generator_config
+from prouigan.vocabulary import GATE_METRICS, OCCLUSION_KINDS, SEARCH_METRICS
 from prouigan_platform.paths import expand
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 
+def config_dir() -> Path:
+    """The recipes shipped with the package (``pipelines/configs``, package data): found by import, so a plain
+    ``pip install`` works from any folder, as an editable one does from the repository."""
+    return Path(str(importlib.resources.files("pipelines").joinpath("configs")))
+
+
+# the vocabularies, defined once elsewhere (prouigan.vocabulary, prouigan.presets), as the config's types
+OcclusionKind = Literal[OCCLUSION_KINDS]
+PresetName = Literal[tuple(PRESETS)]
+SearchMetric = Literal[SEARCH_METRICS]
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line."""
@@ -59,9 +70,7 @@ class SourceConfig(_Section):
 
 
 class OcclusionConfig(_Section):
-    kinds: list[Literal["random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes"]] = [
-        "random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes"
-    ]
+    kinds: list[OcclusionKind] = list(OCCLUSION_KINDS)
     coverage: tuple[float, float] = (0.1, 0.35)  # fraction of the 128x128 face hidden
     probability: float = Field(default=1.0, ge=0.0, le=1.0)  # chance a training face is occluded at all
     # training faces occluded and degraded a batch at a time on the training device (prouigan.batched_occlusion)
@@ -126,7 +135,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "cpu-small", "cpu-small-plain", "gpu-paper"] = "cpu-small"
+    preset: PresetName = "cpu-small"
     overrides: dict[str, int | float | list[int]] = {}  # fields of prouigan.GeneratorConfig to change
 
 
@@ -153,7 +162,7 @@ class TrainConfig(_Section):
     lr_d: float = Field(default=1e-4, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: G's lr decays to 2% over the run
     adversarial_start: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of the run before the Ds join
-    bf16: bool = True  # autocast on GPU only
+    bf16: bool = True  # bf16 autocast of G and both Ds where the device has bf16 (GPU, or a CPU with bf16 instructions)
     # torch.compile of G and both Ds ("reduce-overhead" adds CUDA graphs); a compile failure warns and runs eager
     compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     channels_last: bool = False  # NHWC weights and images (tensor-core convolutions on GPU)
@@ -165,6 +174,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(default=2, ge=0)
     storage: PathStr = Field(default=f"{STORE}/checkpoints", validate_default=True)  # checkpoints: path or s3://
     dataset: PathStr | None = None  # manifest URI; defaults to the latest version under data.output
+    # register a model even when some train shards could not be read (damaged, missing): it was trained on less than
+    # the dataset version it names.  Off: such a run ends FAILED, naming the shards, and registers nothing
+    allow_partial_data: bool = False
 
 
 class TrackingConfig(_Section):
@@ -191,7 +203,7 @@ SEARCHABLE = ("loss.pixel", "loss.pixel_l1", "loss.heatmap", "loss.adversarial",
 
 class TuneConfig(_Section):
     trials: int = Field(default=8, ge=1)  # trials one `prouigan tune` adds to the study
-    metric: Literal["val_psnr", "val_psnr_occluded", "val_ssim"] = "val_psnr"  # maximised
+    metric: SearchMetric = "val_psnr"  # maximised
     space: dict[str, SearchRange] = {
         "loss.heatmap": SearchRange(low=0.01, high=1.0),
         "loss.adversarial": SearchRange(low=1e-5, high=1e-2),
@@ -214,7 +226,6 @@ class TuneConfig(_Section):
         return v
 
 
-GATE_METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "match_rate")
 
 
 class EvalConfig(_Section):
@@ -224,6 +235,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=64, ge=1)
     cases: int = Field(default=4, ge=1)  # best and worst faces in the report picture
     limit: int | None = Field(default=None, ge=1)  # evaluate only the first N faces (a partial evaluation)
+    min_faces: int = Field(default=100, ge=1)  # the gate refuses to decide on fewer faces than this
     source: str | None = None  # score only this source's faces of the split (a mixed version's per-source split)
 
     @field_validator("gate_metrics")
@@ -285,7 +297,8 @@ def resolve_config_path(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+    configs = config_dir()
+    for candidate in (configs / p, configs / f"{p}.yaml"):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"config file not found: {path}")

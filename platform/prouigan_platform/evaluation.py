@@ -16,6 +16,7 @@ The dlib metrics need the ``eval`` extra; without it they are skipped, and the r
 
 from __future__ import annotations
 
+import heapq
 import html
 import json
 import math
@@ -33,6 +34,7 @@ from prouigan.landmarks import nme as nme_fn
 from prouigan.landmarks import soft_argmax
 from prouigan.metrics import masked_psnr, psnr, ssim
 from prouigan.regions import REGIONS, region_masks
+from prouigan.vocabulary import METRICS
 from prouigan_platform.config import DataConfig
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.labeler import DlibMissing, describe, face_box
@@ -41,16 +43,14 @@ from prouigan_platform.progress import Progress
 
 MATCH_THRESHOLD = 0.6  # dlib's documented same-person distance
 # metric -> which way is better
-METRICS: dict[str, str] = {
-    "psnr": "max", "ssim": "max", "psnr_occluded": "max", "nme": "min", "prior_nme": "min",
-    "identity_distance": "min", "match_rate": "max", **{f"region_psnr_{r}": "max" for r in REGIONS},
-}
 DLIB_METRICS = ("nme", "identity_distance", "match_rate")
 BICUBIC = "bicubic"
 
 
 @dataclass
 class SplitData:
+    """A split held in memory (a few hundred faces: the demo's picture, tests).  ``evaluate`` streams instead."""
+
     lr: torch.Tensor  # (N, 3, 16, 16)
     hr: torch.Tensor  # (N, 3, 128, 128)
     mask: torch.Tensor  # (N, 1, 128, 128) occluded pixels
@@ -69,16 +69,21 @@ class SplitData:
         return len(self.keys) == self.expected and self.bad_shards == 0
 
 
-def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | None = None,
-               source: str | None = None) -> SplitData:
-    """Every face of ``split`` (of one ``source`` when given; or the first ``limit``: then the evaluation is
-    partial and never gates)."""
+def _split_reader(manifest_uri: str, split: str, data: DataConfig, limit: int | None, source: str | None):
+    """(manifest, faces expected, FaceShards) of a split; an empty split is an error naming the counts."""
     m = mf.load(manifest_uri)
     expected = mf.split_count(m, split, source)
     if expected == 0:
         raise ValueError(f"dataset {manifest_uri} has no '{split}' faces"
                          + (f" of source '{source}'" if source else "") + f" (counts: {m['counts']})")
-    ds = FaceShards(m, split, data, limit=limit, source=source)
+    return m, expected, FaceShards(m, split, data, limit=limit, source=source)
+
+
+def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | None = None,
+               source: str | None = None) -> SplitData:
+    """Every face of ``split`` in memory (of one ``source`` when given; or the first ``limit``).  For small sets:
+    ``evaluate`` streams any split in bounded memory."""
+    m, expected, ds = _split_reader(manifest_uri, split, data, limit, source)
     batches = list(DataLoader(ds, batch_size=64))
     if not batches:
         raise ValueError(f"no '{split}' face of {manifest_uri} could be read ({ds.stats})")
@@ -93,72 +98,106 @@ def to_u8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
-class DlibScorer:
-    """dlib's references on the original faces, computed once: detector box and identity embedding."""
-
-    def __init__(self, data: SplitData, progress_every: float | None = 15.0):
-        self._describe = describe
-        self.progress_every = progress_every
-        hr = to_u8(data.hr)
-        gt = data.landmarks.numpy()
-        bar = self._bar("dlib on the originals", len(hr))
-        self.boxes, self.refs = [], []
-        for i, img in enumerate(hr):
-            box = face_box(img, gt[i] if data.has_landmarks[i] else None)
-            self.boxes.append(box)
-            self.refs.append(describe(img, box)[1] if box else None)
-            if bar:
-                bar.update()
-        self.gt, self.has = data.landmarks, data.has_landmarks
-
-    def _bar(self, what: str, n: int):
-        return Progress(f"evaluate: {what}", n, "faces", every=self.progress_every) if self.progress_every else None
-
-    def score(self, out: torch.Tensor, name: str = "") -> dict[str, np.ndarray]:
-        n = len(out)
+def dlib_scores(batch: dict, outputs: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+    """method -> {nme, identity_distance} per face of a batch: dlib's 68 points and identity embedding of each
+    output, in the box dlib finds on the original (the same box for every method), against the ground truth and
+    the original's embedding."""
+    hr, gt, has = to_u8(batch["hr"]), batch["landmarks"].double(), batch["has_landmarks"]
+    n = len(hr)
+    boxes, refs = [], []
+    for i, img in enumerate(hr):
+        box = face_box(img, gt[i].numpy() if has[i] else None)
+        boxes.append(box)
+        refs.append(describe(img, box)[1] if box else None)
+    out = {}
+    for name, images in outputs.items():
         nme, dist = np.full(n, np.nan), np.full(n, np.nan)
-        bar = self._bar(f"dlib on {name or 'the outputs'}", n)
-        for i, img in enumerate(to_u8(out)):
-            if self.boxes[i] is not None:
-                pts, emb = self._describe(img, self.boxes[i])
-                if self.has[i]:
-                    nme[i] = float(nme_fn(torch.from_numpy(pts)[None], self.gt[i][None])[0])
-                dist[i] = float(np.linalg.norm(emb - self.refs[i]))
-            if bar:
-                bar.update()
-        return {"nme": nme, "identity_distance": dist}
+        for i, img in enumerate(to_u8(images)):
+            if boxes[i] is not None:
+                pts, emb = describe(img, boxes[i])
+                if has[i]:
+                    nme[i] = float(nme_fn(torch.from_numpy(pts)[None], gt[i][None])[0])
+                dist[i] = float(np.linalg.norm(emb - refs[i]))
+        out[name] = {"nme": nme, "identity_distance": dist}
+    return out
 
 
-def region_psnr(out: torch.Tensor, data: SplitData) -> dict[str, np.ndarray]:
+def region_psnr(out: torch.Tensor, hr: torch.Tensor, landmarks: torch.Tensor,
+                has_landmarks: torch.Tensor) -> dict[str, np.ndarray]:
     n = len(out)
     res = {f"region_psnr_{r}": np.full(n, np.nan) for r in REGIONS}
     for i in range(n):
-        if not data.has_landmarks[i]:
+        if not has_landmarks[i]:
             continue
-        for r, m in region_masks(data.landmarks[i].numpy(), out.shape[-1]).items():
+        for r, m in region_masks(landmarks[i].numpy(), out.shape[-1]).items():
             if m.any():
                 mt = torch.from_numpy(m)[None, None]
-                res[f"region_psnr_{r}"][i] = float(masked_psnr(out[i:i + 1], data.hr[i:i + 1], mt)[0])
+                res[f"region_psnr_{r}"][i] = float(masked_psnr(out[i:i + 1], hr[i:i + 1], mt)[0])
     return res
 
 
 @dataclass
 class Method:
     name: str
-    stages: list[torch.Tensor]  # each stage's images; the last is the output
     per_face: dict[str, np.ndarray] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
 
+
+@dataclass
+class SplitInfo:
+    """What an evaluation read: the split, how many faces it holds and how many were scored."""
+
+    manifest_uri: str
+    digest: str
+    split: str
+    source: str | None
+    expected: int
+    keys: list[str] = field(default_factory=list)
+    bad_shards: int = 0
+
     @property
-    def final(self) -> torch.Tensor:
-        return self.stages[-1]
+    def complete(self) -> bool:
+        return len(self.keys) == self.expected and self.bad_shards == 0
+
+
+class Cases:
+    """The ``k`` best and ``k`` worst faces by one method's PSNR, with their images, kept while streaming: the
+    report's picture needs those faces only, whatever the split's size."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.best: list[tuple[float, int, dict]] = []  # min-heap by PSNR: the k highest
+        self.worst: list[tuple[float, int, dict]] = []  # min-heap by -PSNR: the k lowest
+        self.seen = 0
+
+    def offer(self, psnrs: np.ndarray, rows: dict[str, torch.Tensor], keys: list[str]) -> None:
+        for i, p in enumerate(psnrs):
+            if not math.isfinite(p):
+                continue
+            row = {"key": keys[i], **{k: v[i:i + 1].clone() for k, v in rows.items()}}
+            self.seen += 1
+            for heap, score in ((self.best, p), (self.worst, -p)):
+                item = (float(score), self.seen, row)
+                if len(heap) < self.k:
+                    heapq.heappush(heap, item)
+                elif score > heap[0][0]:
+                    heapq.heapreplace(heap, item)
+
+    def rows(self) -> list[tuple[str, dict, float]]:
+        """(best|worst, row, PSNR), best first then worst first; a face is listed once."""
+        best = sorted(self.best, key=lambda t: -t[0])
+        worst = [t for t in sorted(self.worst, key=lambda t: -t[0]) if t[1] not in {b[1] for b in best}]
+        k = min(self.k, max(1, (len(best) + len(worst)) // 2))
+        return [("best", r, s) for s, _, r in best[:k]] + [("worst", r, -s) for s, _, r in worst[:k]]
 
 
 @dataclass
 class Evaluation:
-    data: SplitData
+    data: SplitInfo
     methods: dict[str, Method]
     skipped: dict[str, str]  # metric -> why it was not measured
+    cases: Cases | None = None
+    stages: int = 0  # of the case model
 
     def problems(self, metrics: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Why this evaluation is partial (empty when it is complete for ``metrics``)."""
@@ -184,42 +223,71 @@ class Evaluation:
                 "methods": {k: m.summary for k, m in self.methods.items()}}
 
 
-def evaluate(models: dict, data: SplitData, use_dlib: bool = True, heatmap_sigma: float = 1.5,
-             batch_size: int = 64, progress=None) -> Evaluation:
-    """``models``: name -> ``prouigan.inference.Hallucinator``.  Bicubic is always the first method."""
+def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, source: str | None = None,
+             limit: int | None = None, use_dlib: bool = True, heatmap_sigma: float = 1.5, batch_size: int = 64,
+             case_model: str | None = "model", cases: int = 4, progress_every: float | None = 15.0,
+             log=print) -> Evaluation:
+    """Score ``models`` (name -> ``prouigan.inference.Hallucinator``) and bicubic on a split, streaming it a batch at
+    a time: memory holds one batch, the per-face scores (a few numbers a face) and the report's case faces,
+    whatever the split's size.  Bicubic is always the first method."""
+    m, expected, ds = _split_reader(manifest_uri, split, data, limit, source)
+    info = SplitInfo(manifest_uri, m.get("digest", ""), split, source, expected)
     skipped: dict[str, str] = {}
-    scorer = None
-    if use_dlib:
-        try:
-            scorer = DlibScorer(data)
-        except DlibMissing as e:
-            skipped.update({k: str(e) for k in DLIB_METRICS})
-    else:
+    dlib = use_dlib
+    if not use_dlib:
         skipped.update({k: "dlib metrics turned off" for k in DLIB_METRICS})
-    methods = {BICUBIC: Method(BICUBIC, [upsample_bicubic(data.lr)])}
-    priors = {BICUBIC: None}
-    for name, h in models.items():
-        out = h.run(data.lr, batch_size)
-        methods[name] = Method(name, out.images)
-        priors[name] = out.heatmaps[-1] if out.heatmaps else None
-    for name, m in methods.items():
-        out, hr = m.final, data.hr
-        pf = {"psnr": psnr(out, hr).numpy(), "ssim": ssim(out, hr).numpy(),
-              "psnr_occluded": masked_psnr(out, hr, data.mask).numpy()}
-        pf.update(region_psnr(out, data))
-        has = data.has_landmarks.numpy()
-        if priors[name] is not None:
-            err = nme_fn(soft_argmax(priors[name], heatmap_sigma), data.landmarks).numpy().astype(np.float64)
-            pf["prior_nme"] = np.where(has, err, np.nan)
-        if scorer is not None:
-            pf.update(scorer.score(out, name))
-        m.per_face = pf
-        m.summary = _summarise(pf)
-        if progress:
-            progress(name)
-    if not bool(data.has_landmarks.any()):
+    names = [BICUBIC, *models]
+    per_face: dict[str, dict[str, list]] = {n: {} for n in names}
+    keep = Cases(cases) if case_model in models else None
+    stages = 0
+    any_landmarks = False
+    bar = Progress("evaluate", min(expected, limit or expected), "faces", every=progress_every) \
+        if progress_every else None
+    with torch.inference_mode():
+        for batch in DataLoader(ds, batch_size=batch_size):
+            lr, hr, mask = batch["lr"], batch["hr"], batch["mask"]
+            lms, has = batch["landmarks"].double(), batch["has_landmarks"]
+            any_landmarks |= bool(has.any())
+            finals, priors, rows = {BICUBIC: upsample_bicubic(lr)}, {BICUBIC: None}, {}
+            for name, h in models.items():
+                out = h.run(lr, batch_size)
+                finals[name], priors[name] = out.images[-1], (out.heatmaps[-1] if out.heatmaps else None)
+                if name == case_model:
+                    stages = len(out.images)
+                    rows = {"lr": lr, "bicubic": finals[BICUBIC], "hr": hr,
+                            **{f"stage{i}": img for i, img in enumerate(out.images)}}
+            scores = {}
+            if dlib:
+                try:
+                    scores = dlib_scores(batch, finals)
+                except DlibMissing as e:
+                    dlib = False
+                    skipped.update({k: str(e) for k in DLIB_METRICS})
+            for name in names:
+                out = finals[name]
+                pf = {"psnr": psnr(out, hr).numpy(), "ssim": ssim(out, hr).numpy(),
+                      "psnr_occluded": masked_psnr(out, hr, mask).numpy(), **region_psnr(out, hr, lms, has)}
+                if priors[name] is not None:
+                    err = nme_fn(soft_argmax(priors[name], heatmap_sigma), lms).numpy().astype(np.float64)
+                    pf["prior_nme"] = np.where(has.numpy(), err, np.nan)
+                pf.update(scores.get(name, {}))
+                for k, v in pf.items():
+                    per_face[name].setdefault(k, []).append(np.asarray(v, np.float64))
+                if keep is not None and name == case_model:
+                    keep.offer(pf["psnr"], rows, list(batch["key"]))
+            info.keys.extend(batch["key"])
+            if bar:
+                bar.update(len(lr))
+    info.bad_shards = ds.stats["bad_shards"]
+    if not info.keys:
+        raise ValueError(f"no '{split}' face of {manifest_uri} could be read ({ds.stats})")
+    methods = {}
+    for name in names:
+        pf = {k: np.concatenate(v) for k, v in per_face[name].items()}
+        methods[name] = Method(name, pf, _summarise(pf))
+    if not any_landmarks:
         skipped.setdefault("nme", "no face of the split has ground-truth landmarks")
-    return Evaluation(data, methods, skipped)
+    return Evaluation(info, methods, skipped, keep, stages)
 
 
 def _summarise(pf: dict[str, np.ndarray]) -> dict[str, float]:
@@ -246,17 +314,12 @@ def comparison_grid(lr: torch.Tensor, outputs: list[torch.Tensor], hr: torch.Ten
     return to_u8(torch.cat(rows, dim=1)[None])[0]
 
 
-def case_grid(ev: Evaluation, model: str, cases: int = 4) -> tuple[np.ndarray, list[tuple[str, str, float]]]:
-    """Best and worst ``cases`` faces by the model's PSNR: rows of input | bicubic | model stages | original."""
-    d = ev.data
-    p = ev.methods[model].per_face["psnr"]
-    order = np.argsort(-p)
-    k = min(cases, max(1, len(order) // 2))
-    pick = list(order[:k]) + [i for i in order[::-1][:k] if i not in order[:k]]
-    grid = comparison_grid(d.lr[pick], [ev.methods[BICUBIC].final[pick], *[s[pick] for s in ev.methods[model].stages]],
-                           d.hr[pick])
-    labels = [("best" if j < k else "worst", d.keys[i], float(p[i])) for j, i in enumerate(pick)]
-    return grid, labels
+def case_grid(ev: Evaluation) -> tuple[np.ndarray, list[tuple[str, str, float]]]:
+    """Best and worst faces by the model's PSNR: rows of input | bicubic | model stages | original."""
+    picked = ev.cases.rows()
+    cat = lambda k: torch.cat([r[k] for _, r, _ in picked])  # noqa: E731
+    grid = comparison_grid(cat("lr"), [cat("bicubic"), *[cat(f"stage{i}") for i in range(ev.stages)]], cat("hr"))
+    return grid, [(kind, r["key"], p) for kind, r, p in picked]
 
 
 def _fmt(v: float | None, metric: str) -> str:
@@ -272,17 +335,17 @@ def table_rows(ev: Evaluation) -> tuple[list[str], list[list[str]]]:
     return head, [[n] + [_fmt(m.summary.get(k), k) for k in metrics] for n, m in ev.methods.items()]
 
 
-def write_report(ev: Evaluation, out_dir: Path, model: str, title: str, cases: int = 4) -> dict[str, Path]:
+def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
     """metrics.json, report.md, report.html and cases.png (best and worst faces) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics": out_dir / "metrics.json", "markdown": out_dir / "report.md",
              "html": out_dir / "report.html", "grid": out_dir / "cases.png"}
     files["metrics"].write_text(json.dumps({"model": title, **ev.to_json()}, indent=1))
-    grid, labels = case_grid(ev, model, cases)
+    grid, labels = case_grid(ev)
     Image.fromarray(grid).save(files["grid"])
     head, rows = table_rows(ev)
     d = ev.data
-    stages = len(ev.methods[model].stages)
+    stages = ev.stages
     caption = (f"Rows: the {sum(lb[0] == 'best' for lb in labels)} best and {sum(lb[0] == 'worst' for lb in labels)} "
                f"worst faces by the model's PSNR. Columns: 16x16 input (nearest) | bicubic | "
                f"{' | '.join(f'stage {i + 1}' for i in range(stages))} | original.")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import mlflow
 
-from prouigan_platform.evaluation import METRICS
+from prouigan.vocabulary import METRICS
 from prouigan_platform.registry import alias_version
 
 CHAMPION = "champion"
@@ -89,5 +89,7 @@ def move_champion(name: str, version: str, expected: str | None, lock=None) -> t
         if now_v != expected:
             return False, (f"champion moved from v{expected} to v{now_v} while this evaluation ran; "
                            "evaluate again against the new champion")
+        if lock is not None:
+            lock.check()  # fencing: a gate whose lease ran out meanwhile moves nothing
         mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version)
     return True, f"champion -> v{version}"

@@ -6,10 +6,19 @@ owner token and until when (a lease).  While the holder works, a heartbeat threa
 that died stops renewing, and the next taker removes the lock once its lease has run out (on S3 with
 ``If-Match`` on the stale object's ETag, so two takers cannot both remove it and both take it).  Only the
 owner (same token) renews or releases: a holder whose lease was taken over never deletes the new holder's lock.
+
+On local disk every read-check-write of the lock object (take over, renew, release) runs under ``flock`` of a
+guard file beside it, so it is atomic between processes.  A holder that stalled past its lease (SIGSTOP, a long
+GC, a suspended VM) and was taken over must not act on its stale belief: work done under the lock is fenced,
+``check()`` (called right before every commit: moving shards into place, writing a manifest, moving the champion
+alias) raises ``LockLost`` when the lock no longer holds this holder's token, and the commit does not happen.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -21,10 +30,15 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from prouigan_platform import storage
+from prouigan_platform.paths import store_root
 
 
 class LockHeld(RuntimeError):
     pass
+
+
+class LockLost(RuntimeError):
+    """The lock was taken over while its holder worked (its lease ran out): the holder's commit is refused."""
 
 
 class Lock:
@@ -79,6 +93,22 @@ class Lock:
         return (f"{self.uri} is held by {rec.get('host')} pid {rec.get('pid')} ({rec.get('purpose')}) since {since}"
                 f"; its lease {'runs out in ' + str(int(left)) + ' s' if left > 0 else 'has run out'}")
 
+    @contextlib.contextmanager
+    def _guard(self):
+        """Local disk: an exclusive ``flock`` of ``<lock>.guard`` around a read-check-write (no-op on S3, where
+        conditional requests make each step atomic)."""
+        if storage.is_s3(self.uri):
+            yield
+            return
+        path = Path(storage.filesystem(self.uri)[1] + ".guard")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def _delete_if(self, rec: dict) -> None:
         """Delete the lock object if it is still exactly ``rec`` (same ETag on S3, same token locally)."""
         if storage.is_s3(self.uri):
@@ -88,11 +118,21 @@ class Lock:
             except ClientError:
                 pass  # someone else removed or replaced it first
             return
-        try:
-            if json.loads(Path(self.uri).read_bytes()).get("token") == rec.get("token"):
-                Path(self.uri).unlink()
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        with self._guard():
+            try:
+                if json.loads(Path(self.uri).read_bytes()).get("token") == rec.get("token"):
+                    Path(self.uri).unlink()
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+
+    def check(self) -> None:
+        """Fencing: raise ``LockLost`` unless the lock still holds this holder's token.  Call right before a commit."""
+        rec = self.holder()
+        if rec is None or rec.get("token") != self.token:
+            why = f"it is now held by {rec.get('host')} pid {rec.get('pid')} ({rec.get('purpose')})" if rec \
+                else "its lock object is gone"
+            raise LockLost(f"{self.purpose or self.uri}: this run's lease ran out and {why}; nothing was committed. "
+                           "Run it again")
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 1.0) -> bool:
         deadline = time.time() + wait_s
@@ -113,19 +153,21 @@ class Lock:
 
     def renew(self) -> bool:
         """Extend the lease if the lock is still ours; False (and ``lost`` set) when it is not."""
-        rec = self.holder()
-        if rec is None or rec.get("token") != self.token:
-            self.lost = f"the lock was taken over: {self.held_by()}" if rec else "the lock object disappeared"
-            return False
-        if storage.is_s3(self.uri):
-            bucket, key = storage.split_s3(self.uri)
-            try:
-                storage.boto3_client().put_object(Bucket=bucket, Key=key, Body=self._body(), IfMatch=rec["_etag"])
-            except ClientError as e:
-                self.lost = f"renewal refused ({e.response.get('Error', {}).get('Code')})"
+        with self._guard():
+            rec = self.holder()
+            if rec is None or rec.get("token") != self.token:
+                self.lost = f"the lock was taken over: {self.held_by()}" if rec else "the lock object disappeared"
                 return False
-        else:
-            storage.write_bytes_atomic(self.uri, self._body())
+            if storage.is_s3(self.uri):
+                bucket, key = storage.split_s3(self.uri)
+                try:
+                    storage.boto3_client().put_object(Bucket=bucket, Key=key, Body=self._body(),
+                                                      IfMatch=rec["_etag"])
+                except ClientError as e:
+                    self.lost = f"renewal refused ({e.response.get('Error', {}).get('Code')})"
+                    return False
+            else:
+                storage.write_bytes_atomic(self.uri, self._body())
         return True
 
     def _start_heartbeat(self) -> None:
@@ -170,10 +212,16 @@ def lock_root(cfg) -> str:
     return storage.join(parent, "locks")
 
 
-def registry_lock(cfg, model_name: str) -> Lock:
-    """Held for the short read-compare-move of the champion alias (waits up to 5 minutes)."""
-    return Lock(storage.join(lock_root(cfg), f"registry-{model_name}.lock"), lease_s=120,
-                purpose=f"move {model_name}@champion", wait_s=300)
+def registry_lock(model_name: str, tracking_uri: str | None = None) -> Lock:
+    """Held for the short read-compare-move of the champion alias (waits up to 5 minutes).  One lock per registry
+    and model, whatever a config's storage: it lives in the platform's store (``PROUIGAN_STORE``), named after the
+    tracking server's address and the model."""
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    registry = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
+    return Lock(storage.join(store_root(), "locks", f"registry-{registry}-{model_name}.lock"), lease_s=120,
+                purpose=f"move {model_name}@champion (registry {uri})", wait_s=300)
 
 
 def dataset_lock(root: str, wait_s: float = 0.0) -> Lock:

@@ -17,7 +17,7 @@ import mlflow
 from prouigan_platform import gate, tracking
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.errors import UserError
-from prouigan_platform.evaluation import evaluate, load_split, table_rows, write_report
+from prouigan_platform.evaluation import evaluate, table_rows, write_report
 from prouigan_platform.locks import registry_lock
 from prouigan_platform.registry import alias_version, registered_version, resolve_model
 
@@ -55,6 +55,9 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
     if promote and version is None:
         raise UserError(f"--promote needs a registered version (models:/NAME@ALIAS or models:/NAME/N), got {model}",
                         code=2)
+    if promote and split == "train":
+        raise UserError("--promote judges a model on faces it never saw: the train split cannot be the gate's "
+                        "evidence; use --split val or test", code=2)
     context = {"gate.split": split, "gate.dataset": data_uri, "gate.metrics": ",".join(cfg.eval.gate_metrics)}
     if source:
         context["gate.source"] = source
@@ -67,13 +70,13 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
         models = {"model": resolve_model(f"models:/{version.name}/{version.version}" if version else model, device)}
         if champion is not None:
             models["champion"] = resolve_model(f"models:/{champion.name}/{champion.version}", device)
-        data = load_split(data_uri, split, cfg.data, limit=cfg.eval.limit, source=source)
-        log(f"evaluate: {len(data.keys)} {split} faces{f' of source {source}' if source else ''} of {data_uri} "
-            f"(digest {data.digest}); methods: bicubic, "
-            + ", ".join(f"{k} ({'v' + champion.version if k == 'champion' else model})" for k in models))
-        ev = evaluate(models, data, use_dlib=cfg.eval.dlib, heatmap_sigma=cfg.data.heatmap_sigma,
-                      batch_size=cfg.eval.batch_size,
-                      progress=lambda name: log(f"  scored {name} ({time.time() - t0:.0f} s)"))
+        log(f"evaluate: the {split} faces{f' of source {source}' if source else ''} of {data_uri}; methods: "
+            "bicubic, " + ", ".join(f"{k} ({'v' + champion.version if k == 'champion' else model})" for k in models))
+        ev = evaluate(models, data_uri, split, cfg.data, source=source, limit=cfg.eval.limit, use_dlib=cfg.eval.dlib,
+                      heatmap_sigma=cfg.data.heatmap_sigma, batch_size=cfg.eval.batch_size, cases=cfg.eval.cases,
+                      log=log)
+        data = ev.data
+        log(f"evaluate: {len(data.keys)} faces scored in {time.time() - t0:.0f} s (dataset digest {data.digest})")
         context["gate.digest"] = data.digest
     except Exception as e:
         if promote:
@@ -81,7 +84,7 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
             log(f"gate: refused v{version.version}: {d.reason}")
         raise
     title = model + (f" = {version.name} v{version.version}" if version else "")
-    files = write_report(ev, out_dir, "model", title, cfg.eval.cases)
+    files = write_report(ev, out_dir, title)
     result = {"model": model, **ev.to_json()}
     _print_table(ev, log)
     run_id = _run_id(model, version)
@@ -92,11 +95,14 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
         log(f"evaluate: metrics eval_{name}_*, the report and the dataset logged to MLflow run {run_id}")
     if promote:
         problems = ev.problems(cfg.eval.gate_metrics)
+        if len(ev.data.keys) < cfg.eval.min_faces:
+            problems.append(f"{len(ev.data.keys)} faces are too few to decide (eval.min_faces is "
+                            f"{cfg.eval.min_faces})")
         d = gate.decide(ev.methods["model"].summary, ev.methods["champion"].summary if champion else None,
                         cfg.eval.gate_metrics, problems, champion.version if champion else None)
         if d.promote:
             moved, why = gate.move_champion(version.name, version.version, champion.version if champion else None,
-                                            lock=lock or registry_lock(cfg, version.name))
+                                            lock=lock or registry_lock(version.name))
             if not moved:
                 d.promote, d.reason = False, why
         gate.record(version.name, version.version, d, context)

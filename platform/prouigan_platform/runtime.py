@@ -13,10 +13,11 @@ from prouigan_platform import stack
 from prouigan_platform.errors import stop_on_sigterm
 from prouigan_platform.paths import state_dir as default_state_dir
 
-# what every Ray worker needs to reach the same services and store as the driver
-FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ENDPOINT_URL",
-             "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-             "PROUIGAN_STORE", "PROUIGAN_STATE_DIR", "PROUIGAN_VERBOSE",
+# what every Ray worker needs to reach the same services and store as the driver: addresses and settings, never a
+# credential.  A job's runtime env is shown by the dashboard and written to Ray's logs; workers get credentials
+# from their node's own environment (the embedded stack's `ray start` has them, a cluster's nodes from Secrets).
+FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
+             "AWS_DEFAULT_REGION", "PROUIGAN_STORE", "PROUIGAN_STATE_DIR", "PROUIGAN_VERBOSE",
              "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 
 

@@ -14,6 +14,7 @@ recorded in ``stack.json``) and keeps the data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -25,16 +26,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import psutil
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # the embedded stack is single-user: never on the network
 SERVICES = ("s3", "mlflow", "ray")  # start order; stop order is the reverse
 S3_ACCESS_KEY = "prouigan"  # the embedded S3 server accepts any key; these are not secrets
 S3_SECRET_KEY = "prouigan-local-secret"
 S3_REGION = "us-east-1"
+SNAPSHOT_INDEX = "index.json"  # <state>/s3/<bucket>/index.json: [{key, file}], the files in objects/
 # Ray's single-node switch (``ray_constants.ENABLE_RAY_CLUSTER``, read once when a process imports Ray).  Off, Ray
 # keeps 127.0.0.1 as every node and client address instead of replacing it by the machine's network address, so
 # the GCS, raylet, dashboard and its agent, workers, job drivers and every client of the stack stay on loopback.
@@ -46,6 +49,10 @@ SINGLE_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 class StackError(RuntimeError):
     """A stack operation failed; the message says which service and why."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 class StackCorrupt(StackError):
@@ -157,11 +164,30 @@ def load_state(state_dir: Path) -> tuple[StackSpec | None, dict[str, ServiceReco
         spec_d = raw["spec"]
         spec_d["state_dir"] = Path(spec_d["state_dir"])
         spec_d.setdefault("s3", True)  # a record from before the S3 server became optional: it always ran one
-        return StackSpec(**spec_d), {k: ServiceRecord(**v) for k, v in raw["services"].items()}
+        spec, services = StackSpec(**spec_d), {k: ServiceRecord(**v) for k, v in raw["services"].items()}
+        _check_types(spec, services)
+        return spec, services
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise StackCorrupt(f"{path} is not a stack record this version can read ({type(e).__name__}: {e}); "
                            f"stop any stack processes by hand (ps aux | grep -E 'ray|mlflow|moto'), then move the "
                            f"file away and run `prouigan platform up`") from None
+
+
+def _check_types(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
+    """Every field of the record has its declared type (a hand-edited or foreign file fails here, not later)."""
+    scalar = {"str": str, "int": int, "bool": bool, "float": (int, float), "Path": Path}
+    items = {"list[int]": int, "list[str]": str}
+    for obj in (spec, *services.values()):
+        for f in fields(obj):
+            v, t = getattr(obj, f.name), str(f.type)
+            if t in scalar:
+                ok = isinstance(v, scalar[t]) and (t == "bool" or not isinstance(v, bool))
+            else:
+                ok = isinstance(v, list) and all(isinstance(x, items[t]) and not isinstance(x, bool) for x in v)
+            if not ok:
+                raise TypeError(f"{type(obj).__name__}.{f.name} is {v!r}, not {t}")
+    if spec.host not in LOOPBACK_HOSTS:
+        raise ValueError(f"host {spec.host!r} is not a loopback address")
 
 
 def _save_state(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
@@ -296,7 +322,11 @@ def _s3_restore(spec: StackSpec, log) -> None:
     for b in sorted(buckets):
         client.create_bucket(Bucket=b)
         root = snap / b
-        if root.exists():
+        if (root / SNAPSHOT_INDEX).exists():
+            for entry in json.loads((root / SNAPSHOT_INDEX).read_text()):
+                client.upload_file(str(root / "objects" / entry["file"]), b, entry["key"])
+                n += 1
+        elif root.exists():  # a snapshot from before the index: keys were paths
             for f in sorted(root.rglob("*")):
                 if f.is_file():
                     client.upload_file(str(f), b, f.relative_to(root).as_posix())
@@ -313,15 +343,19 @@ def _s3_snapshot(spec: StackSpec, log) -> None:
     tmp.mkdir(parents=True)
     n = 0
     for b in client.list_buckets().get("Buckets", []):
-        (tmp / b["Name"]).mkdir()
+        objects = tmp / b["Name"] / "objects"
+        objects.mkdir(parents=True)
+        index = []
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=b["Name"]):
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith("/"):  # a "folder" marker some clients write; not data
                     continue
-                dest = tmp / b["Name"] / obj["Key"]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(b["Name"], obj["Key"], str(dest))
+                # a key is any string ("../x", "/x", both "a" and "a/b"): never a path; its file is named by its hash
+                name = hashlib.sha256(obj["Key"].encode()).hexdigest()
+                client.download_file(b["Name"], obj["Key"], str(objects / name))
+                index.append({"key": obj["Key"], "file": name})
                 n += 1
+        (tmp / b["Name"] / SNAPSHOT_INDEX).write_text(json.dumps(index))
     old = spec.state_dir / "s3.old"
     shutil.rmtree(old, ignore_errors=True)
     if snap.exists():
@@ -351,8 +385,19 @@ def _report_unclean_stop(spec: StackSpec, dead: list[str], log) -> None:
             f"last snapshot ({when}) are LOST; restoring that snapshot")
 
 
+def check_host(host: str) -> None:
+    """The embedded stack is single-user: MLflow and the S3 test server take writes from whoever reaches them.  On
+    any address but loopback they (and Ray, which then listens on every interface) would be open to the network."""
+    if host not in LOOPBACK_HOSTS:
+        raise StackError(f"--host {host}: the embedded stack listens on loopback only (127.0.0.1): its MLflow and S3 "
+                         "test server have no authentication and Ray would listen on every interface. For a shared "
+                         "deployment use infra/ (MLflow behind basic auth, Ray with a token, NetworkPolicies)",
+                         code=2)
+
+
 def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     """Start whatever of the stack is not running; wait until all of it is healthy."""
+    check_host(spec.host)
     spec.state_dir = Path(spec.state_dir).resolve()
     old_spec, services = load_state(spec.state_dir)
     if old_spec is not None and any(alive(r) for r in services.values()):

@@ -6,6 +6,7 @@ environment, or by a cluster's), so the same URI works on a laptop stack and on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -69,10 +70,15 @@ def _write_local_tmp(path: str, data: bytes) -> str:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f"_tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, a signal: no half-written file is left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
 
 
@@ -85,8 +91,24 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.write(data)
         return
     tmp = _write_local_tmp(path, data)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(os.path.dirname(path))
+
+
+def write_png(path: str | Path, image) -> None:
+    """An (H, W, 3) uint8 array as a PNG file, written whole or not at all (``write_bytes_atomic``)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    write_bytes_atomic(str(path), buf.getvalue())
 
 
 def create_exclusive(uri: str, data: bytes) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from prouigan_platform.config import Config
 from prouigan_platform.errors import stop_reason
@@ -193,6 +193,7 @@ class BackgroundLogger:
         self.client = mlflow.MlflowClient()
         self.metrics: deque = deque(maxlen=max_metrics)
         self.images: deque = deque(maxlen=max_images)
+        self.tags: dict[str, str] = {}
         self.dropped = 0
         self.failures = 0
         self.last_error = ""
@@ -212,6 +213,12 @@ class BackgroundLogger:
                     self.metrics.append(Metric(k, float(v), now, int(step)))
         self._wake.set()
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Run tags, sent with the next batch (the latest value of a tag wins)."""
+        with self._lock:
+            self.tags.update(tags)
+        self._wake.set()
+
     def log_image(self, image, key: str, step: int) -> None:
         """An (H, W, 3) uint8 array, sent later as the run's image ``key`` at ``step``."""
         with self._lock:
@@ -225,7 +232,14 @@ class BackgroundLogger:
         with self._lock:
             batch = list(self.metrics)[:1000]
             image = self.images[0] if self.images else None
+            tags = dict(self.tags)
         try:
+            if tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                with self._lock:
+                    for k, v in tags.items():
+                        if self.tags.get(k) == v:
+                            del self.tags[k]
             if batch:
                 self.client.log_batch(self.run_id, metrics=batch)
                 with self._lock:
@@ -244,7 +258,7 @@ class BackgroundLogger:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self.metrics) + len(self.images)
+            return len(self.metrics) + len(self.images) + len(self.tags)
 
     def _loop(self) -> None:
         backoff = 1.0

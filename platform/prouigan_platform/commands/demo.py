@@ -19,16 +19,17 @@ from pathlib import Path
 from PIL import Image
 
 from prouigan.degradation import upsample_bicubic
-from prouigan_platform.config import CONFIG_DIR, load_config
+from prouigan_platform.config import load_config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.errors import UserError
 from prouigan_platform.evaluation import comparison_grid, load_split
+from prouigan_platform.paths import outputs_dir
 from prouigan_platform.registry import resolve_model
 from prouigan_platform.runtime import use_embedded_stack
 
-REPO = CONFIG_DIR.parents[1]
-SHARED = REPO.parent / "shared"
-OUT = REPO / "outputs" / "demo"
+# the research-licensed faces beside the checkout (`make demo` runs in the repository: ../shared)
+SHARED = Path(os.environ.get("PROUIGAN_SHARED", Path.cwd().parent / "shared"))
+OUT = outputs_dir("demo")
 
 
 def _step(title: str, argv: list[str]) -> None:

@@ -16,6 +16,7 @@ from PIL import Image
 from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
+from prouigan_platform.storage import write_png
 
 EXTS = {".png", ".jpg", ".jpeg"}
 
@@ -63,7 +64,7 @@ def run(args) -> int:
         chunk = thumbs[i:i + args.batch_size]
         out = model.to_uint8(np.stack([t for _, t in chunk]))
         for (f, _), img in zip(chunk, out, strict=True):
-            Image.fromarray(img).save(args.output / (f.stem + ".png"))
+            write_png(args.output / (f.stem + ".png"), img)
         progress.update(len(chunk))
     print(f"wrote {len(thumbs)} faces (128x128 PNG) to {args.output}")
     return 0

@@ -7,8 +7,9 @@ Each face dlib's detector finds (the ``eval`` extra) is aligned to 128x128 by th
 to the 16x16 thumbnail the model was trained on (or, with --thumbnail, the first face uses the thumbnail you
 give), hallucinated, and pasted back through the inverse alignment with a feathered face mask; the rest of the
 photo is unchanged.  Output: DIR/<name>.png, the same size as the photo (PNG, so nothing outside the faces is
-re-encoded), and with --faces DIR/<name>_faces.png (thumbnail | result per face).  Two photos with the same name
-(a.jpg, a.png) are refused rather than one overwriting the other.
+re-encoded), and with --faces DIR/<name>_faces.png (thumbnail | result per face).  Photos whose outputs would
+share a name (a.jpg and a.png; a.jpg with --faces and a_faces.jpg) are refused rather than one overwriting the
+other.  Every file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
 from prouigan_platform.restoring import restore_photo
+from prouigan_platform.storage import write_png
 
 
 def _thumbnail(path) -> np.ndarray:
@@ -37,22 +39,36 @@ def _thumbnail(path) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def outputs(path, faces: bool) -> list[str]:
+    """The file names a photo's restoration writes."""
+    return [f"{path.stem}.png"] + ([f"{path.stem}_faces.png"] if faces else [])
+
+
+def _check_outputs(args) -> None:
+    """Every output name is written by one photo only (a.jpg and a.png; a.jpg --faces and a_faces.jpg), and no
+    output overwrites an input: refused, naming them, before anything is written."""
+    writers = defaultdict(list)
+    for p in args.photos:
+        for name in outputs(p, args.faces):
+            writers[name].append(str(p))
+    clash = {n: w for n, w in writers.items() if len(w) > 1}
+    if clash:
+        raise UserError("two photos would write the same output: " + "; ".join(
+            f"{' and '.join(w)} -> {n}" for n, w in sorted(clash.items())) + " (rename one)", code=2)
+    out = args.output.resolve()
+    hit = [str(p) for p in args.photos if p.resolve().parent == out and p.name in writers]
+    if hit:
+        raise UserError(f"--output {args.output} holds {', '.join(hit)}, which the results would overwrite; choose "
+                        "another folder", code=2)
+
+
 def run(args) -> int:
     missing = [str(p) for p in args.photos if not p.is_file()]
     if missing:
         raise UserError(f"not found: {', '.join(missing)}")
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder")
-    by_stem = defaultdict(list)
-    for p in args.photos:
-        by_stem[p.stem].append(str(p))
-    clash = {s: n for s, n in by_stem.items() if len(n) > 1}
-    if clash:
-        raise UserError("two photos would write the same output: " + "; ".join(
-            f"{' and '.join(n)} -> {s}.png" for s, n in sorted(clash.items())) + " (rename one)", code=2)
-    if any(p.resolve().parent == args.output.resolve() and p.suffix.lower() == ".png" for p in args.photos):
-        raise UserError(f"--output {args.output} holds an input PNG that the result would overwrite; choose another "
-                        "folder", code=2)
+    _check_outputs(args)
     device = resolve_device(args.device)
     thumb = _thumbnail(args.thumbnail) if args.thumbnail is not None else None
     try:
@@ -78,11 +94,12 @@ def run(args) -> int:
                   "nothing written", file=sys.stderr)
             progress.update()
             continue
-        Image.fromarray(photo).save(args.output / f"{path.stem}.png")
+        names = outputs(path, args.faces)
+        write_png(args.output / names[0], photo)
         if args.faces:
             strip = np.concatenate([np.concatenate([np.asarray(Image.fromarray(t).resize((128, 128), Image.NEAREST)),
                                                     f], 1) for t, f in faces], 0)
-            Image.fromarray(strip).save(args.output / f"{path.stem}_faces.png")
+            write_png(args.output / names[1], strip)
         done += 1
         print(f"restore: {path} -> {args.output / (path.stem + '.png')} ({len(faces)} face(s))")
         progress.update()

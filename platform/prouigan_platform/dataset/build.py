@@ -6,6 +6,7 @@ write shards under temporary names, move them into place, write the manifest las
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.ingest import process_record, quarantine_row
 from prouigan_platform.dataset.labeler import LABELLER
 from prouigan_platform.dataset.sources import source_name
-from prouigan_platform.locks import dataset_lock
+from prouigan_platform.locks import LockLost, dataset_lock
 from prouigan_platform.progress import Progress
 
 # quarantine reasons that say more about the machine than the input: such inputs are tried again next run
@@ -56,12 +57,19 @@ def dedupe(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return keep, dups
 
 
-def write_tmp_shard(root: str, source: str, split: str, rows: list[dict]) -> dict:
-    """Accepted rows of one source and split -> a tar under ROOT/shards/_tmp/ (sorted by key) -> its metadata."""
+def tmp_dir(root: str, run: str = "") -> str:
+    """ROOT/shards/_tmp/[RUN]: where a build writes its shards before they become part of a version; each run
+    (named by its lock's token) has its own folder."""
+    return storage.join(mf.shards_dir(root), "_tmp", *([run] if run else []))
+
+
+def write_tmp_shard(root: str, source: str, split: str, rows: list[dict], run: str = "") -> dict:
+    """Accepted rows of one source and split -> a tar in this run's temporary folder (sorted by key) -> its
+    metadata."""
     rows = sorted(rows, key=lambda r: r["key"])
     data = mf.encode_tar([(r["key"], r["png"], r["meta"]) for r in rows])
     sha = hashlib.sha256(data).hexdigest()
-    tmp = storage.join(mf.shards_dir(root), "_tmp", f"{split}-{sha[:24]}.tar")
+    tmp = storage.join(tmp_dir(root, run), f"{split}-{sha[:24]}.tar")
     storage.write_bytes_atomic(tmp, data)
     samples = {r["key"]: [str(r["fingerprint"]), split, str(r["input"])] for r in rows}
     return {"tmp": tmp, "source": source, "split": split, "first_key": rows[0]["key"], "count": len(rows),
@@ -73,7 +81,7 @@ def block_size(shard_max: int, val_fraction: float, test_fraction: float) -> int
     return max(1, math.ceil(shard_max / max(1e-6, 1.0 - val_fraction - test_fraction)))
 
 
-def _write_rows(rows: list[dict], root: str, inputs: int) -> list[dict]:
+def _write_rows(rows: list[dict], root: str, inputs: int, run: str = "") -> list[dict]:
     """Processed rows of one block -> one tar per source and split of the accepted ones (temporary names), one
     label part for what dlib saw, the quarantined rows, and the block's counts.
     -> [{"type": "shard" | "labels" | "quarantine" | "block", ...}]"""
@@ -82,7 +90,7 @@ def _write_rows(rows: list[dict], root: str, inputs: int) -> list[dict]:
     ok = [r for r in rows if r["status"] == "ok"]
     for source, split in sorted({(r["source"], r["split"]) for r in ok}):
         part = [r for r in ok if (r["source"], r["split"]) == (source, split)]
-        out.append({"type": "shard", **write_tmp_shard(root, source, split, part)})
+        out.append({"type": "shard", **write_tmp_shard(root, source, split, part, run)})
     fresh = [{"input": r["input"], "fingerprint": str(r["fingerprint"]), "labeller": LABELLER, "faces": r["labels"]}
              for r in rows if r["labels"]]
     if fresh:
@@ -99,7 +107,7 @@ def ingest_block(records: list[dict], root: str, kw: dict) -> list[dict]:
     for rec in records:
         val, test = fractions.get(rec["source"], (kw["val_fraction"], kw["test_fraction"]))
         rows += process_record(rec, min_native_px=kw["min_native_px"], val_fraction=val, test_fraction=test)
-    return _write_rows(rows, root, len(records))
+    return _write_rows(rows, root, len(records), kw.get("run", ""))
 
 
 def _ingest_batch(batch, root: str, kw: dict):
@@ -233,11 +241,18 @@ def build_version(records: list[dict], data_cfg, root: str, engine: str = "ray",
     then raise ``LockHeld`` naming the holder.
     ``progress_every``: print a progress line (inputs done / total, inputs/s, ETA) at most this often."""
     root = root.rstrip("/")
-    with dataset_lock(root, wait_s):
-        return _build(records, data_cfg, root, engine, progress_every)
+    with dataset_lock(root, wait_s) as lock:
+        try:
+            return _build(records, data_cfg, root, engine, progress_every, lock)
+        except BaseException:  # a full disk, a stop, a lost lock: this run's temporary shards never stay behind
+            fs, path = storage.filesystem(tmp_dir(root, lock.token))
+            with contextlib.suppress(Exception):
+                fs.delete_dir(path)
+            raise
 
 
-def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every: float | None) -> BuildResult:
+def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every: float | None,
+           lock=None) -> BuildResult:
     t0 = time.time()
     settings = data_settings(data_cfg)
     parent = mf.load(root) if mf.latest_version(root) else None
@@ -266,10 +281,12 @@ def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every
                 r["labels"] = hit
                 label_parts.add(part_of[(r["key"], str(r["fingerprint"]))])
                 result.labels_reused += 1
-    # a crashed run may have left temporary shards: they are never part of any version
-    fs, path = storage.filesystem(storage.join(mf.shards_dir(root), "_tmp"))
+    # a crashed run, or one whose lease ran out, may have left temporary shards: never part of any version (a run
+    # that lost the lock cannot commit them: the commit is fenced)
+    fs, path = storage.filesystem(tmp_dir(root))
     fs.delete_dir_contents(path, missing_dir_ok=True)
-    kw = {"min_native_px": data_cfg.min_native_px, "val_fraction": data_cfg.val_fraction,
+    kw = {"run": lock.token if lock is not None else "", "min_native_px": data_cfg.min_native_px,
+          "val_fraction": data_cfg.val_fraction,
           "test_fraction": data_cfg.test_fraction,
           "fractions": {s["name"]: (s["val_fraction"], s["test_fraction"]) for s in meta}}
     tally = _Tally(len(todo), progress_every)
@@ -281,15 +298,20 @@ def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every
     result.labelled = int(tally.counts["labelled"])
     quarantined += new_dups
     result.manifest = commit_version(root, parent, settings, meta, todo, quarantined, shard_meta,
-                                     sorted(label_parts))
+                                     sorted(label_parts), lock)
+    if kw["run"]:  # this run's temporary folder, now empty
+        fs.delete_dir_contents(storage.filesystem(tmp_dir(root, kw["run"]))[1], missing_dir_ok=True)
     result.quarantined, result.new_shards = quarantined, shard_meta
     result.seconds = time.time() - t0
     return result
 
 
 def commit_version(root: str, parent: dict | None, settings: dict, sources: list[dict], todo: list[dict],
-                   quarantined: list[dict], shard_meta: list[dict], label_parts: list[str]) -> dict:
-    """Move the new shards into place under stable names, then write the manifest (the commit point)."""
+                   quarantined: list[dict], shard_meta: list[dict], label_parts: list[str], lock=None) -> dict:
+    """Move the new shards into place under stable names, then write the manifest (the commit point).  With the
+    build's ``lock``: fenced, nothing moves unless the lock is still this run's."""
+    if lock is not None:
+        lock.check()
     version = (parent["version"] if parent else 0) + 1
     next_idx = mf.next_shard_index(root, parent)
     shards = list((parent or {}).get("shards", []))
@@ -334,6 +356,12 @@ def commit_version(root: str, parent: dict | None, settings: dict, sources: list
         "shards": shards, "superseded": superseded, "samples": samples, "quarantine": quarantine,
     }
     manifest["digest"] = mf.digest(manifest)
-    manifest["_uri"] = mf.save(root, manifest)
+    if lock is not None:
+        lock.check()
+    try:
+        manifest["_uri"] = mf.save(root, manifest)
+    except FileExistsError:
+        raise LockLost(f"dataset version {version} of {root} was written by another run while this one worked; "
+                       "nothing of this run was committed. Run it again") from None
     manifest["_root"] = root
     return manifest

@@ -17,6 +17,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -70,6 +72,16 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str]:
         raise Quarantine("corrupt_image", f"{type(e).__name__}: {e}") from None
     except Exception as e:  # PIL raises a zoo of errors on hostile bytes
         raise Quarantine("corrupt_image", f"{type(e).__name__}: {e}") from None
+    try:  # the conversion is part of decoding: a mode PIL cannot turn into RGB quarantines the input
+        rgb, note = _to_rgb(im)
+    except Exception as e:
+        raise Quarantine("unsupported_image_mode", f"{im.mode}: {type(e).__name__}: {e}") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise Quarantine("unsupported_image_mode", f"{im.mode} decoded to {rgb.dtype} {rgb.shape}")
+    return rgb, note
+
+
+def _to_rgb(im) -> tuple[np.ndarray, str]:
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im), ""
@@ -162,7 +174,15 @@ def check_labelled(points: np.ndarray, box: list[int]) -> None:
 
 
 def _read(path: str) -> bytes:
+    """A regular file's bytes.  Anything else (a FIFO, a device, a socket, also behind a link) is never opened:
+    reading one would block the shard run or never end."""
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
+                st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "folder" if stat.S_ISDIR(
+                st.st_mode) else "special file"
+            raise Quarantine("not_a_regular_file", f"a {kind}, not an image file: never read")
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import webdataset as wds
 
 from prouigan_platform import storage
+from prouigan_platform.errors import UserError
 
 FORMAT = "prouigan-dataset/1"
 SPLITS = ("train", "val", "test")
@@ -57,9 +58,12 @@ def load(uri: str) -> dict:
         uri = manifest_uri(uri, version)
     if not storage.exists(uri):
         raise FileNotFoundError(f"dataset manifest not found: {uri}")
-    manifest = json.loads(storage.read_bytes(uri))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{uri} is not a {FORMAT} manifest")
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{uri} is not a dataset manifest: not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{uri} is not a {FORMAT} manifest (a manifest's 'format' is {FORMAT!r})")
     manifest["_uri"] = uri
     manifest["_root"] = uri.rsplit("/manifests/", 1)[0]  # shards are found beside the manifest, wherever it moved
     return manifest

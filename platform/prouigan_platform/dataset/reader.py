@@ -110,7 +110,9 @@ class FaceShards(torch.utils.data.IterableDataset):
         self.mix = mix_weights(self.manifest, split, data.source_weights) if epochs is None and source is None \
             else {}
         self.stale = {(name, k) for name, keys in self.manifest.get("superseded", {}).items() for k in keys}
+        self.added_by = {s["name"]: s.get("version_added") for s in self.manifest["shards"]}
         self.stats = {"samples": 0, "bad_shards": 0, "bad_samples": 0}
+        self._skipped: list[str] = []  # shards skipped since the last example (travel with the next one)
 
     def _reader_id(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -131,12 +133,16 @@ class FaceShards(torch.utils.data.IterableDataset):
             samples = list(mf.iter_tar(io.BytesIO(data)))
         except Exception as e:
             self.stats["bad_shards"] += 1
-            msg = f"skipping shard {uri}: {type(e).__name__}: {e}"
+            self._skipped.append(name)
+            added = self.added_by.get(name)
+            msg = (f"skipping shard {uri}" + (f" (added by dataset version {added}; every later version shares it)"
+                                              if added else "") + f": {type(e).__name__}: {e}")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
             return
         for s in samples:
             if (name, s["__key__"]) not in self.stale:
+                s["__shard__"] = name
                 yield s
 
     def _samples(self, epoch: int, reader: int, readers: int, shards: list[str]) -> Iterator[dict]:
@@ -225,6 +231,9 @@ class FaceShards(torch.utils.data.IterableDataset):
                               stacklevel=2)
                 continue
             self.stats["samples"] += 1
+            # which shard each example came from, and which were skipped on the way: the trainer records what it read
+            ex["shard"], ex["skipped"] = s.get("__shard__", ""), ",".join(self._skipped)
+            self._skipped.clear()
             yield ex
             n += 1
             if self.limit is not None and n >= self.limit:

@@ -8,13 +8,11 @@ config whose model differs is refused before any worker starts.
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
 
 import mlflow
-import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -24,10 +22,13 @@ from prouigan.presets import generator_config
 from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config, ConfigError, load_config
 from prouigan_platform.dataset.reader import mix_weights
+from prouigan_platform.errors import UserError
 from prouigan_platform.registry import ModelCard, log_and_register
 from prouigan_platform.runtime import verbose
+from prouigan_platform.training import checkpoints
+from prouigan_platform.training.checkpoints import CHECKPOINT_FILE
 from prouigan_platform.training.process_group import NodeAddressTorchConfig
-from prouigan_platform.training.worker import CHECKPOINT_FILE, train_loop_per_worker
+from prouigan_platform.training.worker import train_loop_per_worker
 
 
 def storage_args(uri: str) -> dict:
@@ -38,26 +39,20 @@ def storage_args(uri: str) -> dict:
 
 
 def latest_checkpoint(cfg: Config) -> str | None:
-    """The URI of the newest ``step_*`` checkpoint of this run name, or None."""
-    run_dir = storage.join(cfg.train.storage, cfg.name)
-    fs, path = storage.filesystem(run_dir)
-    steps = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("step_"))
-    for name in reversed(steps):
-        uri = storage.join(run_dir, name, CHECKPOINT_FILE)
-        if storage.exists(uri):
-            return uri
-    return None
+    """The newest complete ``step_*`` checkpoint folder of this run name, or None; newer torn ones are reported."""
+    uri, skipped = checkpoints.newest_complete(storage.join(cfg.train.storage, cfg.name))
+    for torn_uri, why in skipped:
+        print(f"[train] skipping the torn checkpoint {torn_uri}: {why}", file=sys.stderr)
+    return uri
 
 
 def check_resume(cfg: Config) -> str | None:
     """Refuse (ConfigError, one line) a config whose model differs from the checkpoint the run would resume;
-    -> the checkpoint URI, or None for a new run."""
+    -> the checkpoint folder, or None for a new run."""
     uri = latest_checkpoint(cfg)
     if uri is None:
         return None
-    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    have = state["generator_config"]
+    have = checkpoints.load(uri)["generator_config"]
     want = generator_config(cfg.model.preset, cfg.model.overrides).to_dict()
     diff = {k: (have.get(k), v) for k, v in want.items() if _norm(have.get(k)) != _norm(v)}
     if diff:
@@ -144,8 +139,27 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
         raise
 
 
+def check_data(cfg: Config, manifest: dict, result) -> None:
+    """Refuse (UserError, one line) to register a model trained on less than its dataset version, unless
+    ``train.allow_partial_data``: every train shard the workers could not read is named."""
+    last = result.checkpoint
+    if last is None:
+        return
+    with last.as_directory() as d:
+        skipped = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True).get(
+            "shards_skipped", [])
+    if skipped and not cfg.train.allow_partial_data:
+        raise UserError(f"trained on less than dataset {manifest['_uri']}: {len(skipped)} train shard(s) could not be "
+                        f"read ({', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}); nothing registered. "
+                        "Repair the dataset (prouigan shard) or pass train.allow_partial_data=true")
+    if skipped:
+        print(f"[train] WARNING: {len(skipped)} train shard(s) could not be read; registering anyway "
+              "(train.allow_partial_data)", file=sys.stderr)
+
+
 def _register(cfg: Config, manifest: dict, result, run_id: str | None) -> dict:
     out = {"run_id": run_id, "checkpoint": None, "version": None}
+    check_data(cfg, manifest, result)
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
     print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     if best is None:

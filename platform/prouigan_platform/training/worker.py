@@ -13,6 +13,7 @@ worker of each node logs the node's system metrics to the run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -37,15 +38,16 @@ from prouigan.landmarks import nme, soft_argmax
 from prouigan.losses import perceptual_network
 from prouigan.metrics import masked_psnr, psnr, ssim
 from prouigan.presets import GeneratorConfig, generator_config
-from prouigan.training import GANStep, channels_last, channels_last_batch, cosine_factor
+from prouigan.training import GANStep, autocast_dtype, channels_last, channels_last_batch, cosine_factor
+from prouigan_platform import storage
 from prouigan_platform.config import Config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import FaceShards
 from prouigan_platform.progress import fmt_duration
 from prouigan_platform.runtime import verbose
 from prouigan_platform.tracking import BackgroundLogger, system_metrics
+from prouigan_platform.training import checkpoints
 
-CHECKPOINT_FILE = "state.pt"
 PROGRESS_EVERY_S = 30.0
 
 
@@ -182,6 +184,13 @@ class BudgetClock:
         return self.done
 
 
+def data_tags(read: set[str], skipped: set[str]) -> dict[str, str]:
+    """What a run records of the train shards it read: how many, a digest of which, and any it could not read."""
+    names = "\n".join(sorted(read)).encode()
+    return {"data_shards_read": str(len(read)), "data_shards_read_digest": hashlib.sha256(names).hexdigest()[:16],
+            "data_shards_skipped": ",".join(sorted(skipped))[:4000]}
+
+
 def _state(module) -> dict:
     return {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
 
@@ -269,16 +278,16 @@ class WorkerRun:
         self.loader = self._train_batches(self.start)
         self.last_val: dict | None = None
         self.finished = self.done >= 1.0  # a resumed run whose budget was already spent
+        # the train shards this worker read, and those it could not read (damaged, missing): recorded with each
+        # checkpoint, so a model trained on less than its dataset version is known (and not registered unasked)
+        self.shards_read: set[str] = set(state.get("shards_read", [])) if state else set()
+        self.shards_skipped: set[str] = set(state.get("shards_skipped", [])) if state else set()
 
     def _build_models(self) -> dict | None:
         """G and both Ds (DDP), the loss and the step; -> the checkpoint's state when resuming, else None.  On resume
         the checkpoint's architecture wins (the driver already refused a config whose model differs)."""
         cfg, device = self.cfg, self.device
-        ckpt = ray.train.get_checkpoint()
-        state = None
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = self._checkpoint_state()
         gcfg = GeneratorConfig.from_dict(state["generator_config"]) if state is not None \
             else generator_config(cfg.model.preset, cfg.model.overrides)
         g = ProUIGANGenerator(gcfg)
@@ -290,11 +299,28 @@ class WorkerRun:
         if cfg.train.channels_last:
             channels_last(g, d_global, d_local)
         self.g, self.d_global, self.d_local = (ray.train.torch.prepare_model(m) for m in (g, d_global, d_local))
-        amp = torch.bfloat16 if (device.type == "cuda" and cfg.train.bf16) else None
+        amp, self.precision = autocast_dtype(device, cfg.train.bf16)
         self.step_fn = GANStep(self.g, self.d_global, self.d_local, loss_weights, cfg.train.lr_g, cfg.train.lr_d,
                                cfg.data.heatmap_sigma, amp_dtype=amp, vgg=vgg,
                                compile_mode=None if cfg.train.compile == "off" else cfg.train.compile)
         return state
+
+    def _checkpoint_state(self) -> dict | None:
+        """The state to resume from: Ray Train's latest checkpoint, unless it is torn, then the newest complete one
+        of the run (every rank reads the same folders, so all resume from the same step)."""
+        ckpt = ray.train.get_checkpoint()
+        run_dir = storage.join(self.cfg.train.storage, self.cfg.name)
+        if ckpt is None:
+            return None
+        uri = storage.join(run_dir, Path(ckpt.path).name)
+        why = checkpoints.torn(uri)
+        if why is None:
+            return checkpoints.load(uri)
+        fallback, _ = checkpoints.newest_complete(run_dir)
+        if self.rank == 0:
+            print(f"[train] the checkpoint {uri} is torn ({why}); "
+                  + (f"resuming from {fallback}" if fallback else "no complete checkpoint: starting anew"), flush=True)
+        return checkpoints.load(fallback) if fallback else None
 
     def _restore(self, state: dict | None) -> tuple[int, float]:
         """Weights and optimiser state from the checkpoint (or G from the model to fine-tune); -> (step, seconds
@@ -311,6 +337,7 @@ class WorkerRun:
     def _say_hello(self, state: dict | None) -> None:
         if self.rank == 0:
             print(f"[train] {self.cfg.name}: {self.world} worker(s) on {self.device}; {self.vgg_msg}", flush=True)
+            print(f"[train] precision: {self.precision}", flush=True)
             if state is not None:
                 print(f"[train] resumed from step {self.start}", flush=True)
             elif self.loop_config.get("init_generator") is not None:
@@ -343,7 +370,14 @@ class WorkerRun:
             if self.rank == 0:
                 print(f"[train] step {step:,}: the last {cfg.data.final_fraction:.0%} of the run reads the final "
                       f"mix {mix}", flush=True)
-        batch = device_batch(next(self.loader), self.device, cfg, self.aug_rng)
+        try:
+            raw = next(self.loader)
+        except StopIteration:
+            raise RuntimeError(f"no train face of {self.manifest['_uri']} could be read by worker {self.rank} (shards "
+                               f"skipped: {', '.join(sorted(self.shards_skipped)) or 'none'})") from None
+        self.shards_read.update(raw.pop("shard"))
+        self.shards_skipped.update(n for names in raw.pop("skipped") for n in names.split(",") if n)
+        batch = device_batch(raw, self.device, cfg, self.aug_rng)
         logs = step_fn.step(batch)
         if step == self.start + 1 and self.rank == 0 and cfg.train.compile != "off":
             print(f"[train] torch.compile ({cfg.train.compile}): " + ", ".join(
@@ -370,24 +404,36 @@ class WorkerRun:
             self.printer.validation(step, self.last_val)
         return self.last_val
 
+    def shards(self) -> tuple[set[str], set[str]]:
+        """(read, skipped) train shards of every worker (a collective: every rank calls it)."""
+        mine = (sorted(self.shards_read), sorted(self.shards_skipped))
+        if not (dist.is_available() and dist.is_initialized()):
+            return set(mine[0]), set(mine[1])
+        every: list = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return {n for r, _ in every for n in r}, {n for _, k in every for n in k}
+
     def report(self, step: int, logs: dict, validated: bool, checkpoint: bool) -> None:
         """Every rank reports (Ray Train waits for all); rank 0 adds the checkpoint, which reaches storage before
         MLflow hears anything, and then hands metrics and the val grid to the background logger."""
+        read, skipped = self.shards() if checkpoint else (set(), set())
         metrics = {**self.last_val, "step": step,
                    "samples_per_s": self.samples_since_report / max(time.time() - self.t_report, 1e-9),
                    **{f"train_{k}": float(v) for k, v in logs.items()}}
         self.t_report, self.samples_since_report = time.time(), 0
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save({**generator_state(self.g), "d_global": _state(self.d_global),
-                            "d_local": _state(self.d_local), "optimizers": self.step_fn.state_dict(), "step": step,
-                            "config": self.loop_config["config"], "elapsed_s": self.elapsed(),
-                            "manifest_digest": self.manifest.get("digest", mf.digest(self.manifest))},
-                           Path(tmp) / CHECKPOINT_FILE)
+                checkpoints.write(Path(tmp), {
+                    **generator_state(self.g), "d_global": _state(self.d_global), "d_local": _state(self.d_local),
+                    "optimizers": self.step_fn.state_dict(), "step": step, "config": self.loop_config["config"],
+                    "elapsed_s": self.elapsed(), "shards_read": sorted(read), "shards_skipped": sorted(skipped),
+                    "manifest_digest": self.manifest.get("digest", mf.digest(self.manifest))})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step_{step:07d}")
         else:
             ray.train.report(metrics)
+        if checkpoint and self.tracker is not None:
+            self.tracker.set_tags(data_tags(read, skipped))
         if self.tracker is not None and validated:
             # one name per metric in MLflow: the losses are logged as train/<loss> every 10 steps, not again here; a
             # Tune trial's validation scores are logged by its driver-side callback (search.py), not twice
