@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow cluster-test lint bench up down status clean
+.PHONY: venv demo test test-fast test-slow cluster-test lint bench up down status clean
 
 venv: $(STAMP)
 
@@ -22,14 +22,18 @@ demo: $(STAMP)
 	$(BIN)/prouigan demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not inductor and not cluster" $(PYTEST_ARGS)
+
+# pure unit tests: nothing started (no stack, no Ray, no MLflow server), under 2 minutes on 2 cores
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not stack and not slow and not inductor and not cluster" $(PYTEST_ARGS)
 
 # a real 2-node Ray cluster on 127.0.0.1: a training job through the Jobs API, then a node stopped mid-run
 cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m inductor $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check prouigan platform pipelines tests benchmarks infra

@@ -62,7 +62,7 @@ def main() -> None:
                                                 "train.max_minutes=null", f"train.val_every={args.steps // 3}",
                                                 f"train.checkpoint_every={args.steps // 3}", "train.val_samples=16"])
                 cpu0 = sum(moto.cpu_times()[:2])
-                result = fit(cfg, manifests[name]["_uri"], None)
+                result = fit(cfg, manifests[name].uri, None)
                 if name.startswith("S3"):
                     moto_cpu.append(sum(moto.cpu_times()[:2]) - cpu0)
                 rates[name].append(result.metrics["samples_per_s"])

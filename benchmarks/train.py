@@ -51,7 +51,7 @@ def main() -> None:
             cfg.name = f"bench-{workers}-{bf16}"
             cfg.train.num_workers, cfg.train.cpus_per_worker = workers, cpus
             cfg.train.use_gpu, cfg.train.bf16 = use_gpu, bf16
-            result = fit(cfg, m["_uri"], None)
+            result = fit(cfg, m.uri, None)
             rows.append((name, result.metrics["samples_per_s"]))
         print(f"\npreset {args.preset}, batch {args.batch} per worker, {args.steps} steps; samples/s (global):")
         for name, sps in rows:

@@ -118,3 +118,38 @@ def stack(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# What starts real services (a stack, a Ray instance): a fixture of these, or a call of these in the test itself.  A
+# test that does is marked `stack`; a test marked `stack` does, or runs a command that starts Ray (train, shard,
+# tune, hello, retrain, as a subprocess: not visible here).  The fast tier (`make test-fast`) runs the others only.
+SERVICE_FIXTURES = {"stack", "durable_stack", "user_shell", "cluster", "ray_local", "ray_on_stack"}
+SERVICE_PARAMS = {"s3"}  # a parametrised fixture that takes the stack for this value (tests/test_locks.py)
+STARTS_SERVICES = ("own_stack(", "st.up(", "ray.init(", "init_ray(")
+RUNS_RAY_COMMANDS = ('"train"', '"shard"', '"tune"', '"hello"', '"retrain"', "pipelines/")
+
+
+def _source(item) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(item.function)
+    except (OSError, TypeError, AttributeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers tell the truth: a test that starts services is marked `stack`, and a test marked `stack` starts them
+    (checked at collection, not assumed)."""
+    wrong = []
+    for item in items:
+        marked, source = item.get_closest_marker("stack") is not None, _source(item)
+        params = {p for p in getattr(getattr(item, "callspec", None), "params", {}).values() if isinstance(p, str)}
+        starts = bool(SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))) or any(
+            s in source for s in STARTS_SERVICES) or bool(SERVICE_PARAMS & params)
+        if starts and not marked:
+            wrong.append(f"{item.nodeid}: starts a service but is not marked stack")
+        elif marked and not starts and not any(s in source for s in RUNS_RAY_COMMANDS):
+            wrong.append(f"{item.nodeid}: marked stack but starts no service")
+    if wrong:
+        raise pytest.UsageError("test markers that do not tell the truth:\n  " + "\n  ".join(wrong))

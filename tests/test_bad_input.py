@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from prouigan_platform import stack as st
 from tests.conftest import REPO
 
 
@@ -165,3 +167,27 @@ def test_degenerate_landmarks_and_a_100_megapixel_image_are_quarantined(tmp_path
     assert reasons["huge"][0] == "image_too_large" and "10001x10001" in reasons["huge"][1]
     assert m["accepted"] == 1
     json.dumps(m)  # the manifest stays plain JSON
+
+
+def test_unreadable_source_is_a_clear_error(tmp_path):
+    for path in (tmp_path / "missing", tmp_path / "file.txt"):
+        if path.suffix:
+            path.write_text("x")
+        out = subprocess.run([sys.executable, "pipelines/shard.py", "--local", "--config", "smoke",
+                              f"data.sources=[{{kind: 300w, path: {path}}}]", f"data.output={tmp_path / 'o'}"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 1
+        assert str(path) in out.stderr and ("does not exist" in out.stderr or "not a folder" in out.stderr)
+
+
+def test_a_taken_port_gives_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", "platform", "up", "--s3",
+                              "--state-dir", str(tmp_path), "--s3-port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"port {port}" in out.stderr and "already in use" in out.stderr
+    assert not any(r["running"] for r in st.status(tmp_path))

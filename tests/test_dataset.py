@@ -126,17 +126,6 @@ def test_every_bad_input_ends_accepted_or_quarantined_with_its_reason(ray_on_sta
     assert all(q["reason"] and q["detail"] for q in m["quarantine"])
 
 
-def test_unreadable_source_is_a_clear_error(tmp_path):
-    for path in (tmp_path / "missing", tmp_path / "file.txt"):
-        if path.suffix:
-            path.write_text("x")
-        out = subprocess.run([sys.executable, "pipelines/shard.py", "--local", "--config", "smoke",
-                              f"data.sources=[{{kind: 300w, path: {path}}}]", f"data.output={tmp_path / 'o'}"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
-        assert out.returncode == 1
-        assert str(path) in out.stderr and ("does not exist" in out.stderr or "not a folder" in out.stderr)
-
-
 def test_incremental_versions_reuse_shards_and_keep_splits(ray_on_stack, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

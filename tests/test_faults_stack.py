@@ -50,8 +50,8 @@ def test_the_gate_refuses_the_train_split_and_too_few_faces(stack, sharded):
     out = run_cli(stack, "evaluate", *common, "--model", model, "--split", "train", "--promote")
     assert out.returncode == 2 and "train split cannot be the gate's evidence" in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
-    out = run_cli(stack, "evaluate", *common, "--model", model, "--split", "test", "--promote", "eval.dlib=false",
-                  "eval.min_faces=1000")
+    out = run_cli(stack, "evaluate", *common, "eval.dlib=false", "eval.min_faces=1000", "--model", model, "--split",
+                  "test", "--promote")
     assert "refused" in out.stdout and "too few to decide" in out.stdout, (out.stdout + out.stderr)[-3000:]
     client = mlflow.MlflowClient(stack.mlflow_uri)
     v = client.get_model_version_by_alias("gate-evidence", "challenger")

@@ -60,6 +60,7 @@ def _shard_faces(manifest) -> list[dict]:
             for s in mf.read_shard(mf.shard_uris(manifest, sh["split"])[0].rsplit("/", 1)[0] + "/" + sh["name"])]
 
 
+@pytest.mark.stack  # a local Ray for the Ray Data tasks
 def test_celeba_photos_are_labelled_in_ray_data_tasks_split_by_identity_and_never_twice(ray_local, celeba20,
                                                                                         tmp_path):
     src = SourceConfig(kind="celeba", path=str(celeba20), val_fraction=0.3, test_fraction=0.3)

@@ -323,7 +323,7 @@ def test_an_error_after_the_compiled_path_ran_is_raised_not_hidden():
         c(torch.ones(3), torch.ones(2))  # a real error (wrong arguments) after success: raised
 
 
-@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # inductor: ~2 min
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])  # inductor: ~2 min
 def test_a_compiled_step_gives_the_eager_steps_losses(backend):
     """Dynamo traces G and both Ds (``eager``: the graphs as captured; ``inductor``: real generated C++ code on
     CPU) and the step's losses match the eager step's."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -137,19 +136,6 @@ def test_hello_pipeline_logs_a_run_with_an_artifact_in_the_bucket(stack):
     keys = [o["Key"] for o in boto3_client().list_objects_v2(
         Bucket=stack.bucket, Prefix=f"mlflow-artifacts/{exp.experiment_id}/{runs[0].info.run_id}/")["Contents"]]
     assert any(k.endswith("/hello.txt") for k in keys) and any(k.endswith("/config.yaml") for k in keys)
-
-
-def test_a_taken_port_gives_a_clear_error(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "prouigan_platform.cli", "platform", "up", "--s3",
-                              "--state-dir", str(tmp_path), "--s3-port", str(port)],
-                             capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
-    assert f"port {port}" in out.stderr and "already in use" in out.stderr
-    assert not any(r["running"] for r in st.status(tmp_path))
 
 
 def test_down_stops_every_process_and_data_survives_down_up(tmp_path):

@@ -4,6 +4,7 @@ occluded faces, cuts its pixel and heatmap losses and beats bicubic PSNR on thos
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from prouigan import LossWeights, ProUIGANGenerator, build_discriminators, generator_config
@@ -28,6 +29,7 @@ def _batch(n: int = 8) -> dict:
             "has_landmarks": torch.ones(n, dtype=torch.bool)}
 
 
+@pytest.mark.slow  # ~1 minute of training on 2 cores
 def test_cpu_small_learns_a_handful_of_faces_and_beats_bicubic():
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -90,7 +90,7 @@ def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | Non
     cat = lambda k: torch.cat([b[k] for b in batches])  # noqa: E731
     keys = [k for b in batches for k in b["key"]]
     return SplitData(cat("lr"), cat("hr"), cat("mask"), cat("landmarks").double(), cat("has_landmarks"), keys,
-                     manifest_uri, m.get("digest", ""), split, expected, ds.stats["bad_shards"], source)
+                     manifest_uri, m.digest, split, expected, ds.stats["bad_shards"], source)
 
 
 def to_u8(x: torch.Tensor) -> np.ndarray:
@@ -231,7 +231,7 @@ def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, sour
     a time: memory holds one batch, the per-face scores (a few numbers a face) and the report's case faces,
     whatever the split's size.  Bicubic is always the first method."""
     m, expected, ds = _split_reader(manifest_uri, split, data, limit, source)
-    info = SplitInfo(manifest_uri, m.get("digest", ""), split, source, expected)
+    info = SplitInfo(manifest_uri, m.digest, split, source, expected)
     skipped: dict[str, str] = {}
     dlib = use_dlib
     if not use_dlib:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import mlflow
 
 from prouigan.vocabulary import METRICS
+from prouigan_platform import tracking
 from prouigan_platform.registry import alias_version
 
 CHAMPION = "champion"
@@ -66,7 +67,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate_
 def record(name: str, version: str, decision: Decision, context: dict[str, str]) -> None:
     """The decision, its numbers and what it was measured on, as tags of the candidate version."""
     client = mlflow.MlflowClient()
-    tags = {"gate.decision": decision.label, "gate.reason": decision.reason[:4500],
+    tags = {"gate.decision": decision.label, "gate.reason": decision.reason[:tracking.ERROR_CHARS],
             "gate.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "gate.champion_version": decision.champion_version or "none", **context}
     tags.update({f"gate.candidate.{k}": f"{v:.6g}" for k, v in decision.candidate.items()})

@@ -24,6 +24,7 @@ from PIL import Image
 
 from prouigan.inference import Hallucinator
 from prouigan_platform.config import Config
+from prouigan_platform.dataset.manifest import Manifest
 from prouigan_platform.errors import UserError
 from prouigan_platform.tracking import dataset_name as tracking_dataset_name
 
@@ -47,7 +48,7 @@ class ModelCard:
     """What a person needs to know about a registered version, from the run that trained it."""
 
     cfg: Config
-    manifest: dict
+    manifest: Manifest
     metrics: dict  # the best checkpoint's report: val_* (model), val_bicubic_*, step
     run_id: str
     checkpoint: str
@@ -59,7 +60,7 @@ class ModelCard:
         """A few, for the registry's version list; the description has the rest."""
         m = self.metrics
         tags = {"recipe": self.cfg.name, "dataset": self.dataset_name(),
-                "data_manifest_digest": self.manifest["digest"]}
+                "data_manifest_digest": self.manifest.digest}
         for k in ("val_psnr", "val_bicubic_psnr"):
             if isinstance(m.get(k), (int, float)):
                 tags[k] = f"{m[k]:.2f}"
@@ -67,9 +68,9 @@ class ModelCard:
 
     def description(self, name: str, version: str) -> str:
         m, man = self.metrics, self.manifest
-        counts = man.get("counts", {})
+        counts = man.counts
         by_source = "; ".join(f"{src}: " + ", ".join(f"{c.get(s, 0):,} {s}" for s in ("train", "val", "test"))
-                              for src, c in man.get("counts_by_source", {}).items())
+                              for src, c in man.counts_by_source.items())
 
         def row(label: str, key: str, fmt: str, better: str) -> str:
             have, bic = m.get(f"val_{key}"), m.get(f"val_bicubic_{key}")
@@ -86,7 +87,7 @@ class ModelCard:
             summary + ".",
             f"Trained by MLflow run `{self.run_id}`; best checkpoint at step {m.get('step', '?')}: "
             f"`{self.checkpoint}`.",
-            f"**Dataset** `{man['_uri']}` (version {man.get('version')}, digest `{man['digest']}`): "
+            f"**Dataset** `{man.uri}` (version {man.version}, digest `{man.digest}`): "
             f"{counts.get('train', 0):,} train / {counts.get('val', 0):,} val / {counts.get('test', 0):,} test faces"
             + (f" ({by_source})" if by_source else "") + ".",
             f"**Validation** during training ({self.cfg.train.val_samples} val faces, never trained on; the same "

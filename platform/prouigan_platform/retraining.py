@@ -72,11 +72,11 @@ def retrain(cfg, log=print) -> dict:
         manifest = built.manifest or built.parent
         if manifest is None:
             raise UserError(f"no dataset under {root} and no faces accepted from data.sources")
-        version_no = int(manifest["version"])
-        if champion is not None and _champion_digest(champion) == manifest["digest"]:
+        version_no = manifest.version
+        if champion is not None and _champion_digest(champion) == manifest.digest:
             log(f"retrain: nothing to do — no new faces since dataset v{version_no:04d}, which champion "
                 f"v{champion.version} was trained on")
-            return {"status": "no-op", "dataset": manifest["_uri"], "champion": champion.version}
+            return {"status": "no-op", "dataset": manifest.uri, "champion": champion.version}
         client = mlflow.MlflowClient()
         run_id = tracking.open_run(cfg, "retrain", f"retrain-v{version_no:04d}", manifest=manifest,
                                    experiment=f"{cfg.tracking.experiment}-retrain",
@@ -94,7 +94,7 @@ def retrain(cfg, log=print) -> dict:
                     raise RuntimeError("training reported no checkpoint; nothing to evaluate")
                 client.set_tag(run_id, "candidate", trained["version"])
                 step = "evaluate"
-                result = evaluate_model(cfg, trained["version"], manifest["_uri"], cfg.eval.split,
+                result = evaluate_model(cfg, trained["version"], manifest.uri, cfg.eval.split,
                                         outputs_dir("retrain", f"v{version_no:04d}"), promote=True, log=log,
                                         source=cfg.eval.source)
                 decision = result["gate"]
@@ -106,7 +106,7 @@ def retrain(cfg, log=print) -> dict:
                 client.set_tag(run_id, "failed_step", step)
                 raise
         log(f"retrain: {decision['decision']} {trained['version']}: {decision['reason']}")
-        return {"status": decision["decision"], "version": trained["version"], "dataset": manifest["_uri"],
+        return {"status": decision["decision"], "version": trained["version"], "dataset": manifest.uri,
                 "reason": decision["reason"], "run_id": run_id}
     finally:
         lock.release()

@@ -126,7 +126,7 @@ def baseline_point(cfg, storage) -> list[dict] | None:
     return [{_key(k): flat[k] for k in cfg.tune.space}]
 
 
-def search(cfg, manifest: dict, parent_run_id: str | None, experiment_id: str | None):
+def search(cfg, manifest: mf.Manifest, parent_run_id: str | None, experiment_id: str | None):
     """Run the Tuner; -> (ResultGrid, number of reports a full trial makes)."""
     check_mix(cfg, manifest)
     space = {_key(k): (tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high))
@@ -139,7 +139,7 @@ def search(cfg, manifest: dict, parent_run_id: str | None, experiment_id: str | 
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=cfg.tune.metric, mode="max", max_t=reports,
                               grace_period=min(cfg.tune.grace_period, reports),
                               reduction_factor=cfg.tune.reduction_factor)
-    ctx = {"config": cfg.model_dump(mode="json"), "manifest_uri": manifest["_uri"], "study": cfg.name,
+    ctx = {"config": cfg.model_dump(mode="json"), "manifest_uri": manifest.uri, "study": cfg.name,
            "parent_run_id": parent_run_id, "experiment_id": experiment_id}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.1})
     run_storage = storage_args(cfg.train.storage.rstrip("/") + "/tune")
@@ -198,12 +198,12 @@ def close_trials(experiment_id: str, trials: list[Trial]) -> None:
         found = client.search_runs([experiment_id], f"tags.{TAG_TRIAL} = '{t.trial_id}'", max_results=1)
         if found and t.status == "stopped early":
             client.set_tag(found[0].info.run_id, TAG_STOPPED_EARLY, "true")
-            client.set_terminated(found[0].info.run_id, "KILLED")
+            tracking.end_run(found[0].info.run_id, stopped=f"stopped early by ASHA after {t.reports} report(s)")
         elif found and t.status == "complete":
-            client.set_terminated(found[0].info.run_id, "FINISHED")
+            tracking.end_run(found[0].info.run_id)
 
 
-def run_search(cfg, manifest: dict, out_dir: Path) -> SearchOutcome:
+def run_search(cfg, manifest: mf.Manifest, out_dir: Path) -> SearchOutcome:
     """The whole search: the parent run, the trials, their runs closed, the best config written to
     ``out_dir/best.yaml`` and logged.  Ray must be initialised."""
     parent = None

@@ -26,6 +26,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from prouigan_platform.config import Config
+from prouigan_platform.dataset.manifest import Manifest
 from prouigan_platform.errors import stop_reason
 
 # the tag vocabulary of every run the platform makes
@@ -69,27 +70,25 @@ def log_config(run_id: str, config: Config) -> None:
     client.set_tag(run_id, TAG_CONFIG_DIGEST, config.digest())
 
 
-def dataset_name(manifest: dict) -> str:
+def dataset_name(manifest: Manifest) -> str:
     """``<dataset root's folder>@v<version>``, e.g. ``mixed@v0003``: how runs and model versions name a version."""
-    root = manifest["_uri"].rsplit("/manifests/", 1)[0].rstrip("/")
-    return f"{root.rsplit('/', 1)[-1]}@v{int(manifest.get('version', 0)):04d}"
+    return f"{manifest.base.rstrip('/').rsplit('/', 1)[-1]}@v{manifest.version:04d}"
 
 
 class ManifestDataset(MetaDataset):
     """A dataset version as MLflow sees it: the manifest's URI as source, its content digest, and a profile of
     its counts per split and per source (shown in the run's Datasets panel)."""
 
-    def __init__(self, manifest: dict):
+    def __init__(self, manifest: Manifest):
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        uri = manifest["_uri"]
+        uri = manifest.uri
         with warnings.catch_warnings():  # a local path matches two of MLflow's local source kinds; either will do
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(uri)
-        self._profile = {"version": manifest.get("version"), "counts": manifest.get("counts", {}),
-                         "counts_by_source": manifest.get("counts_by_source", {}),
-                         "quarantined": manifest.get("quarantined", 0)}
-        super().__init__(source, name=dataset_name(manifest), digest=manifest["digest"])
+        self._profile = {"version": manifest.version, "counts": manifest.counts,
+                         "counts_by_source": manifest.counts_by_source, "quarantined": manifest.quarantined}
+        super().__init__(source, name=dataset_name(manifest), digest=manifest.digest)
 
     @property
     def profile(self) -> dict:
@@ -99,14 +98,14 @@ class ManifestDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-def log_dataset(run_id: str, manifest: dict, context: str) -> None:
+def log_dataset(run_id: str, manifest: Manifest, context: str) -> None:
     """Record the dataset version as an input of the run (``context``: training, tuning, evaluation ...)."""
     ds = ManifestDataset(manifest)
     mlflow.MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
         ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
 
-def open_run(config: Config, pipeline: str, run_name: str, *, manifest: dict | None = None,
+def open_run(config: Config, pipeline: str, run_name: str, *, manifest: Manifest | None = None,
              find_tag: tuple[str, str] | None = None, parent_run_id: str | None = None,
              experiment: str | None = None, tags: dict[str, str] | None = None) -> str:
     """The run of a pipeline, RUNNING: found by ``find_tag`` (name, value) and re-opened, else created with the
@@ -125,14 +124,14 @@ def open_run(config: Config, pipeline: str, run_name: str, *, manifest: dict | N
     all_tags = {TAG_PIPELINE: pipeline, TAG_GIT: git_commit(), "mlflow.source.name": f"prouigan {pipeline}",
                 "mlflow.source.type": "JOB",
                 "mlflow.note.content": f"`prouigan {pipeline}` of recipe `{config.name}`"
-                + (f" on dataset `{dataset_name(manifest)}` ({manifest['_uri']})" if manifest else "") + ".",
+                + (f" on dataset `{dataset_name(manifest)}` ({manifest.uri})" if manifest else "") + ".",
                 **(tags or {})}
     if find_tag is not None:
         all_tags[find_tag[0]] = find_tag[1]
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if manifest is not None:
-        all_tags.update({TAG_DATASET: manifest["_uri"], TAG_DATASET_DIGEST: manifest["digest"]})
+        all_tags.update({TAG_DATASET: manifest.uri, TAG_DATASET_DIGEST: manifest.digest})
     run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
     log_config(run_id, config)
     if manifest is not None:
@@ -140,16 +139,17 @@ def open_run(config: Config, pipeline: str, run_name: str, *, manifest: dict | N
     return run_id
 
 
-def end_run(run_id: str | None, error: BaseException | None = None, log=None) -> None:
-    """FINISHED; KILLED for a stopped process (with why); FAILED with the error as a tag.  An unreachable MLflow is
-    reported on stderr, never raised: the pipeline's own outcome stands."""
+def end_run(run_id: str | None, error: BaseException | None = None, stopped: str | None = None) -> None:
+    """FINISHED; KILLED for a stopped process or run (``stopped``: why, when nothing raised); FAILED with the error
+    as a tag.  An unreachable MLflow is reported on stderr, never raised: the pipeline's own outcome stands."""
     if not run_id:
         return
-    status = "FINISHED" if error is None else ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+    status = "FINISHED" if error is None and stopped is None else (
+        "KILLED" if stopped is not None or isinstance(error, KeyboardInterrupt) else "FAILED")
     try:
         client = mlflow.MlflowClient()
         if status == "KILLED":
-            client.set_tag(run_id, TAG_STOPPED, stop_reason(error))
+            client.set_tag(run_id, TAG_STOPPED, stopped or stop_reason(error))
         elif error is not None:
             client.set_tag(run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
         client.set_terminated(run_id, status)

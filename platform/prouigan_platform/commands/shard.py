@@ -35,11 +35,11 @@ def run(args) -> int:
         raise UserError(str(e), code=2) from None
     if result.manifest is None:
         p = result.parent
-        print(f"shard: nothing new — dataset version v{p['version']:04d} ({p['_uri']}) is current")
+        print(f"shard: nothing new — dataset version v{p.version:04d} ({p.uri}) is current")
         return 0
     print(result.summary())
     if result.processed and not result.new_shards:
         reasons = Counter(q["reason"] for q in result.quarantined).most_common(1)
         raise UserError(f"none of the {result.processed} inputs was accepted (most common reason: "
-                        f"{reasons[0][0] if reasons else '-'}); see the quarantine list in {result.manifest['_uri']}")
+                        f"{reasons[0][0] if reasons else '-'}); see the quarantine list in {result.manifest.uri}")
     return 0

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from prouigan_platform import storage
+from prouigan_platform.config import DataConfig
 from prouigan_platform.dataset import labels
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.ingest import process_record, quarantine_row
@@ -30,7 +31,7 @@ from prouigan_platform.progress import Progress
 RETRY_REASONS = {"unreadable_file"}
 
 
-def data_settings(data_cfg) -> dict:
+def data_settings(data_cfg: DataConfig) -> dict:
     """The data-config fields that change shard content; their hash guards incremental versions."""
     return {"image_size": data_cfg.image_size, "min_native_px": data_cfg.min_native_px,
             "val_fraction": data_cfg.val_fraction, "test_fraction": data_cfg.test_fraction, "align": "ffhq",
@@ -100,20 +101,34 @@ def _write_rows(rows: list[dict], root: str, inputs: int, run: str = "") -> list
     return out
 
 
-def ingest_block(records: list[dict], root: str, kw: dict) -> list[dict]:
+@dataclass(frozen=True)
+class IngestSettings:
+    """What every block of a build needs to know (it travels to the Ray Data tasks)."""
+
+    min_native_px: int
+    fractions: dict[str, tuple[float, float]]  # source -> (val, test) fractions
+    default_fractions: tuple[float, float]  # a source not named above
+    run: str = ""  # the build's lock token: its temporary shards' folder
+
+    @classmethod
+    def of(cls, data_cfg: DataConfig, sources: list[dict], run: str = "") -> IngestSettings:
+        return cls(data_cfg.min_native_px, {s["name"]: (s["val_fraction"], s["test_fraction"]) for s in sources},
+                   (data_cfg.val_fraction, data_cfg.test_fraction), run)
+
+
+def ingest_block(records: list[dict], root: str, settings: IngestSettings) -> list[dict]:
     """Process one block of inputs and write its accepted faces (the plain engine's unit of work)."""
-    fractions = kw.get("fractions", {})
     rows = []
     for rec in records:
-        val, test = fractions.get(rec["source"], (kw["val_fraction"], kw["test_fraction"]))
-        rows += process_record(rec, min_native_px=kw["min_native_px"], val_fraction=val, test_fraction=test)
-    return _write_rows(rows, root, len(records), kw.get("run", ""))
+        val, test = settings.fractions.get(rec["source"], settings.default_fractions)
+        rows += process_record(rec, min_native_px=settings.min_native_px, val_fraction=val, test_fraction=test)
+    return _write_rows(rows, root, len(records), settings.run)
 
 
-def _ingest_batch(batch, root: str, kw: dict):
+def _ingest_batch(batch, root: str, settings: IngestSettings):
     """Ray Data UDF: a pyarrow batch of records -> one JSON line per shard written / input quarantined.
     Pixels go from the worker straight to storage; only metadata returns through the object store."""
-    return pa.table({"result": [json.dumps(r) for r in ingest_block(batch.to_pylist(), root, kw)]})
+    return pa.table({"result": [json.dumps(r) for r in ingest_block(batch.to_pylist(), root, settings)]})
 
 
 class _Tally:
@@ -136,15 +151,15 @@ class _Tally:
                                                    f"{c['quarantined']:,} quarantined, {c['labelled']:,} labelled")
 
 
-def _blocks(records: list[dict], kw: dict, shard_max: int, slots: int) -> int:
-    size = block_size(shard_max, kw["val_fraction"], kw["test_fraction"])
+def _blocks(records: list[dict], settings: IngestSettings, shard_max: int, slots: int) -> int:
+    size = block_size(shard_max, *settings.default_fractions)
     # at least four blocks per CPU slot: every core works, and the last blocks are short, so no core idles long
     # at the end (measured on 2,000 CelebA photos: 1.68x over the plain loop with two blocks per slot, see
     # BENCHMARKS.md for four)
     return max(1, math.ceil(len(records) / max(1, min(size, math.ceil(len(records) / max(1, 4 * slots))))))
 
 
-def ingest_ray(records: list[dict], kw: dict, root: str, shard_max: int, tally: _Tally) -> None:
+def ingest_ray(records: list[dict], settings: IngestSettings, root: str, shard_max: int, tally: _Tally) -> None:
     """Ray Data: blocks of inputs, each processed and written to its shards by one task, in parallel; results
     stream back as blocks finish.  (Measured: fusing the two steps beats a streaming process -> regroup -> write
     plan ~1.5x on 2 cores, because the PNGs never travel through the object store.)"""
@@ -153,25 +168,26 @@ def ingest_ray(records: list[dict], kw: dict, root: str, shard_max: int, tally: 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line says inputs, faces/s and ETA
     slots = int(ray.available_resources().get("CPU", 2))
-    ds = (ray.data.from_items(records, override_num_blocks=_blocks(records, kw, shard_max, slots))
-          .map_batches(_ingest_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"root": root, "kw": kw}))
+    ds = (ray.data.from_items(records, override_num_blocks=_blocks(records, settings, shard_max, slots))
+          .map_batches(_ingest_batch, batch_size=None, batch_format="pyarrow",
+                       fn_kwargs={"root": root, "settings": settings}))
     for row in ds.iter_rows():
         tally.add(json.loads(row["result"]))
 
 
-def ingest_plain(records: list[dict], kw: dict, root: str, shard_max: int, tally: _Tally) -> None:
+def ingest_plain(records: list[dict], settings: IngestSettings, root: str, shard_max: int, tally: _Tally) -> None:
     """The same work in one process, block after block (the benchmark's baseline)."""
-    n = _blocks(records, kw, shard_max, 1)
+    n = _blocks(records, settings, shard_max, 1)
     size = math.ceil(len(records) / n)
     for i in range(0, len(records), size):
-        for r in ingest_block(records[i:i + size], root, kw):
+        for r in ingest_block(records[i:i + size], root, settings):
             tally.add(r)
 
 
 @dataclass
 class BuildResult:
-    manifest: dict | None  # the new version (None when nothing was new)
-    parent: dict | None
+    manifest: mf.Manifest | None  # the new version (None when nothing was new)
+    parent: mf.Manifest | None
     processed: int = 0  # inputs ingested this run
     duplicates: int = 0
     quarantined: list[dict] = field(default_factory=list)  # rows quarantined this run
@@ -186,7 +202,7 @@ class BuildResult:
         accepted = sum(int(s["count"]) for s in self.new_shards)
         reasons = Counter(q["reason"] for q in self.quarantined)
         nbytes = sum(int(s["bytes"]) for s in self.new_shards)
-        lines = ["", "=" * 72, f"dataset version v{m['version']:04d}  ->  {m['_uri']}",
+        lines = ["", "=" * 72, f"dataset version v{m.version:04d}  ->  {m.uri}",
                  f"  inputs processed  {self.processed:>7}   (+{self.duplicates} listed twice under one key)"]
         if self.labelled or self.labels_reused:
             lines.append(f"  labelled by dlib  {self.labelled:>7}   (+{self.labels_reused} labels reused from an "
@@ -197,14 +213,14 @@ class BuildResult:
         lines += [f"      {reason:<24}{n:>6}" for reason, n in reasons.most_common()]
         lines += ["  the version, by source:",
                   f"      {'source':<16}{'train':>8}{'val':>8}{'test':>8}{'quarantined':>13}"]
-        for name, counts in m.get("counts_by_source", {}).items():
-            q = sum(m.get("quarantine_by_source", {}).get(name, {}).values())
+        for name, counts in m.counts_by_source.items():
+            q = sum(m.quarantine_by_source.get(name, {}).values())
             lines.append(f"      {name:<16}" + "".join(f"{counts.get(sp, 0):>8}" for sp in mf.SPLITS) + f"{q:>13}")
-        lines.append(f"      {'all':<16}" + "".join(f"{m['counts'].get(sp, 0):>8}" for sp in mf.SPLITS)
-                     + f"{m['quarantined']:>13}")
-        lines.append(f"  digest {m['digest']}")
+        lines.append(f"      {'all':<16}" + "".join(f"{m.counts.get(sp, 0):>8}" for sp in mf.SPLITS)
+                     + f"{m.quarantined:>13}")
+        lines.append(f"  digest {m.digest}")
         if self.parent:
-            lines.append(f"  reused from v{self.parent['version']:04d}: {len(self.parent['shards'])} shard(s)")
+            lines.append(f"  reused from v{self.parent.version:04d}: {len(self.parent.shards)} shard(s)")
         lines += [f"  time {self.seconds:.1f} s, {self.processed / max(self.seconds, 1e-9):.1f} inputs/s", "=" * 72]
         return "\n".join(lines)
 
@@ -213,7 +229,7 @@ class SettingsChanged(RuntimeError):
     pass
 
 
-def sources_meta(data_cfg) -> list[dict]:
+def sources_meta(data_cfg: DataConfig) -> list[dict]:
     """What the manifest records of each source; a source's split fractions may never change under one root."""
     return [{"name": source_name(s), "kind": s.kind, "path": s.path,
              "val_fraction": data_cfg.val_fraction if s.val_fraction is None else s.val_fraction,
@@ -221,9 +237,9 @@ def sources_meta(data_cfg) -> list[dict]:
             for s in data_cfg.sources]
 
 
-def _check_sources(root: str, parent: dict | None, sources: list[dict]) -> list[dict]:
+def _check_sources(root: str, parent: mf.Manifest | None, sources: list[dict]) -> list[dict]:
     """The parent's sources updated with these; raises SettingsChanged when a known source's splits would move."""
-    merged = {s["name"]: s for s in (parent or {}).get("sources", [])}
+    merged = {s["name"]: s for s in (parent.sources if parent else [])}
     for s in sources:
         old = merged.get(s["name"])
         for k in ("val_fraction", "test_fraction"):
@@ -234,7 +250,7 @@ def _check_sources(root: str, parent: dict | None, sources: list[dict]) -> list[
     return list(merged.values())
 
 
-def build_version(records: list[dict], data_cfg, root: str, engine: str = "ray",
+def build_version(records: list[dict], data_cfg: DataConfig, root: str, engine: str = "ray",
                   progress_every: float | None = None, wait_s: float = 0.0) -> BuildResult:
     """Ingest what is new or changed in ``records`` into a new dataset version under ``root``.
     One build per root at a time: another one holding ``ROOT/locks/shard.lock`` makes this wait up to ``wait_s``,
@@ -251,18 +267,18 @@ def build_version(records: list[dict], data_cfg, root: str, engine: str = "ray",
             raise
 
 
-def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every: float | None,
+def _build(records: list[dict], data_cfg: DataConfig, root: str, engine: str, progress_every: float | None,
            lock=None) -> BuildResult:
     t0 = time.time()
     settings = data_settings(data_cfg)
     parent = mf.load(root) if mf.latest_version(root) else None
-    if parent is not None and parent["config_hash"] != settings_hash(settings):
-        raise SettingsChanged(f"{root} holds versions built with other data settings ({parent['config']} != "
+    if parent is not None and parent.config_hash != settings_hash(settings):
+        raise SettingsChanged(f"{root} holds versions built with other data settings ({parent.config} != "
                               f"{settings}); write to a new data.output")
     meta = _check_sources(root, parent, sources_meta(data_cfg))
     # what the latest version holds, by input id -> fingerprint (accepted and quarantined alike)
-    known = {v[3]: v[0] for v in (parent or {}).get("samples", {}).values()}
-    known.update({q["input"]: q["fingerprint"] for q in (parent or {}).get("quarantine", [])
+    known = {v[3]: v[0] for v in (parent.samples if parent else {}).values()}
+    known.update({q["input"]: q["fingerprint"] for q in (parent.quarantine if parent else [])
                   if q["reason"] not in RETRY_REASONS})
     records, duplicates = dedupe(records)
     todo = [r for r in records if known.get(r["key"]) != r["fingerprint"]]
@@ -272,7 +288,7 @@ def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every
         result.seconds = time.time() - t0
         return result
     # labels an earlier run made (committed or not) travel with their records: dlib never sees them again
-    label_parts = set((parent or {}).get("labels", []))
+    label_parts = set(parent.labels if parent else [])
     if any(r.get("label") for r in todo):
         cached, part_of = labels.load(root, LABELLER)
         for r in todo:
@@ -285,13 +301,11 @@ def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every
     # that lost the lock cannot commit them: the commit is fenced)
     fs, path = storage.filesystem(tmp_dir(root))
     fs.delete_dir_contents(path, missing_dir_ok=True)
-    kw = {"run": lock.token if lock is not None else "", "min_native_px": data_cfg.min_native_px,
-          "val_fraction": data_cfg.val_fraction,
-          "test_fraction": data_cfg.test_fraction,
-          "fractions": {s["name"]: (s["val_fraction"], s["test_fraction"]) for s in meta}}
+    settings_of_run = IngestSettings.of(data_cfg, meta, lock.token if lock is not None else "")
     tally = _Tally(len(todo), progress_every)
     if todo:
-        (ingest_ray if engine == "ray" else ingest_plain)(todo, kw, root, data_cfg.shard_max_samples, tally)
+        (ingest_ray if engine == "ray" else ingest_plain)(todo, settings_of_run, root, data_cfg.shard_max_samples,
+                                                          tally)
     quarantined = [{k: v for k, v in r.items() if k != "type"} for r in tally.results if r["type"] == "quarantine"]
     shard_meta = [{k: v for k, v in r.items() if k != "type"} for r in tally.results if r["type"] == "shard"]
     label_parts |= {r["part"] for r in tally.results if r["type"] == "labels"}
@@ -299,24 +313,25 @@ def _build(records: list[dict], data_cfg, root: str, engine: str, progress_every
     quarantined += new_dups
     result.manifest = commit_version(root, parent, settings, meta, todo, quarantined, shard_meta,
                                      sorted(label_parts), lock)
-    if kw["run"]:  # this run's temporary folder, now empty
-        fs.delete_dir_contents(storage.filesystem(tmp_dir(root, kw["run"]))[1], missing_dir_ok=True)
+    if settings_of_run.run:  # this run's temporary folder, now empty
+        fs.delete_dir_contents(storage.filesystem(tmp_dir(root, settings_of_run.run))[1], missing_dir_ok=True)
     result.quarantined, result.new_shards = quarantined, shard_meta
     result.seconds = time.time() - t0
     return result
 
 
-def commit_version(root: str, parent: dict | None, settings: dict, sources: list[dict], todo: list[dict],
-                   quarantined: list[dict], shard_meta: list[dict], label_parts: list[str], lock=None) -> dict:
+def commit_version(root: str, parent: mf.Manifest | None, settings: dict, sources: list[dict], todo: list[dict],
+                   quarantined: list[dict], shard_meta: list[dict], label_parts: list[str],
+                   lock=None) -> mf.Manifest:
     """Move the new shards into place under stable names, then write the manifest (the commit point).  With the
     build's ``lock``: fenced, nothing moves unless the lock is still this run's."""
     if lock is not None:
         lock.check()
-    version = (parent["version"] if parent else 0) + 1
+    version = (parent.version if parent else 0) + 1
     next_idx = mf.next_shard_index(root, parent)
-    shards = list((parent or {}).get("shards", []))
-    samples = {k: list(v) for k, v in (parent or {}).get("samples", {}).items()}
-    superseded = {k: list(v) for k, v in (parent or {}).get("superseded", {}).items()}
+    shards = list(parent.shards if parent else [])
+    samples = {k: list(v) for k, v in (parent.samples if parent else {}).items()}
+    superseded = {k: list(v) for k, v in (parent.superseded if parent else {}).items()}
     changed = {r["key"] for r in todo}
     # samples of changed inputs leave the version (re-accepted ones come back below, in new shards)
     for key, (_fp, _split, name, inp) in list(samples.items()):
@@ -332,7 +347,7 @@ def commit_version(root: str, parent: dict | None, settings: dict, sources: list
         shards.append({"name": name, "source": meta["source"], "split": meta["split"], "count": int(meta["count"]),
                        "sha256": meta["sha256"], "bytes": int(meta["bytes"]), "version_added": version})
     new_inputs = {r["input"] for r in quarantined} | changed
-    quarantine = [q for q in (parent or {}).get("quarantine", []) if q["input"] not in new_inputs]
+    quarantine = [q for q in (parent.quarantine if parent else []) if q["input"] not in new_inputs]
     quarantine += [{"key": r["key"], "input": r["input"], "source": r["source"], "origin": r["origin"],
                     "reason": r["reason"], "detail": r["note"], "fingerprint": r["fingerprint"]} for r in quarantined]
     counts = {sp: 0 for sp in mf.SPLITS}
@@ -346,15 +361,15 @@ def commit_version(root: str, parent: dict | None, settings: dict, sources: list
     for q in quarantine:
         row = q_by_source.setdefault(q["source"], {})
         row[q["reason"]] = row.get(q["reason"], 0) + 1
-    manifest = {
-        "format": mf.FORMAT, "version": version, "parent": parent["version"] if parent else None,
+    manifest = mf.Manifest.of({
+        "format": mf.FORMAT, "version": version, "parent": parent.version if parent else None,
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "root": root,
         "config": settings, "config_hash": settings_hash(settings), "sources": sources,
         "counts": counts, "counts_by_source": by_source, "accepted": len(samples), "quarantined": len(quarantine),
         "quarantine_by_reason": dict(Counter(q["reason"] for q in quarantine)),
         "quarantine_by_source": q_by_source, "labels": label_parts,
         "shards": shards, "superseded": superseded, "samples": samples, "quarantine": quarantine,
-    }
+    }, base=root)
     manifest["digest"] = mf.digest(manifest)
     if lock is not None:
         lock.check()
@@ -363,5 +378,4 @@ def commit_version(root: str, parent: dict | None, settings: dict, sources: list
     except FileExistsError:
         raise LockLost(f"dataset version {version} of {root} was written by another run while this one worked; "
                        "nothing of this run was committed. Run it again") from None
-    manifest["_root"] = root
     return manifest

@@ -48,7 +48,64 @@ def latest_version(root: str) -> int:
     return max(versions, default=0)
 
 
-def load(uri: str) -> dict:
+class Manifest(dict):
+    """One dataset version: the JSON document ``manifests/vNNNN.json`` with typed fields, and where it was read from.
+
+    It stays the JSON it is stored as (``json.dumps`` works, ``m["counts"]`` reads a field by the file's name) and
+    reads as typed attributes (``m.version``, ``m.shards``, ...; ``m.uri``, ``m.base``: this file's URI and the
+    folder its shards are found in, beside the manifest wherever the dataset moved).  ``shards`` (name, source,
+    split, count, sha256, bytes, version_added), ``samples`` (key -> [fingerprint, split, shard, input]) and
+    ``quarantine`` rows are JSON records.  ``Manifest.of`` checks a document's fields and their types."""
+
+    REQUIRED = {"format": str, "version": int, "root": str, "shards": list, "counts": dict}
+    OPTIONAL = {"parent": (int, type(None)), "created": str, "config": dict, "config_hash": str, "sources": list,
+                "counts_by_source": dict, "accepted": int, "quarantined": int, "quarantine_by_reason": dict,
+                "quarantine_by_source": dict, "labels": list, "superseded": dict, "samples": dict, "quarantine": list,
+                "digest": str}
+
+    @classmethod
+    def of(cls, data: dict, uri: str = "", base: str | None = None) -> Manifest:
+        """A manifest from its JSON fields; TypeError naming the first field that is missing or of the wrong type."""
+        for k, t in cls.REQUIRED.items():
+            if not isinstance(data.get(k), t) or isinstance(data.get(k), bool):
+                raise TypeError(f"field '{k}' is {data.get(k)!r}, expected {t.__name__}")
+        for k, t in cls.OPTIONAL.items():
+            if k in data and not isinstance(data[k], t):
+                raise TypeError(f"field '{k}' is {type(data[k]).__name__}, expected {t}")
+        base = base if base is not None else (uri.rsplit("/manifests/", 1)[0] if uri else data["root"])
+        return cls({**data, "_uri": uri, "_root": base})
+
+    def to_json(self) -> dict:
+        """The file's content, in the file's order (small fields first, the long lists last)."""
+        return {k: self[k] for k in FILE_ORDER if k in self}
+
+    uri = property(lambda self: self.get("_uri", ""), doc="this file's URI")
+    base = property(lambda self: self.get("_root") or self["root"], doc="the folder its shards are found in")
+    version = property(lambda self: int(self["version"]))
+    root = property(lambda self: self["root"], doc="where the version was built")
+    parent = property(lambda self: self.get("parent"))
+    digest = property(lambda self: self.get("digest", ""), doc="names exactly this version's content")
+    shards = property(lambda self: self["shards"])
+    samples = property(lambda self: self.get("samples", {}))
+    counts = property(lambda self: self["counts"])
+    counts_by_source = property(lambda self: self.get("counts_by_source", {}))
+    accepted = property(lambda self: int(self.get("accepted", 0)))
+    quarantined = property(lambda self: int(self.get("quarantined", 0)))
+    quarantine = property(lambda self: self.get("quarantine", []))
+    quarantine_by_source = property(lambda self: self.get("quarantine_by_source", {}))
+    superseded = property(lambda self: self.get("superseded", {}))
+    sources = property(lambda self: self.get("sources", []))
+    labels = property(lambda self: self.get("labels", []))
+    config = property(lambda self: self.get("config", {}))
+    config_hash = property(lambda self: self.get("config_hash", ""))
+
+
+FILE_ORDER = ("format", "version", "parent", "created", "root", "config", "config_hash", "sources", "counts",
+              "counts_by_source", "accepted", "quarantined", "quarantine_by_reason", "quarantine_by_source", "labels",
+              "shards", "superseded", "samples", "quarantine", "digest")
+
+
+def load(uri: str) -> Manifest:
     """A manifest from its URI, or the latest version under a dataset root."""
     uri = str(uri)
     if not uri.endswith(".json"):
@@ -59,37 +116,37 @@ def load(uri: str) -> dict:
     if not storage.exists(uri):
         raise FileNotFoundError(f"dataset manifest not found: {uri}")
     try:
-        manifest = json.loads(storage.read_bytes(uri))
+        data = json.loads(storage.read_bytes(uri))
     except (UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{uri} is not a dataset manifest: not JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{uri} is not a {FORMAT} manifest (a manifest's 'format' is {FORMAT!r})")
-    manifest["_uri"] = uri
-    manifest["_root"] = uri.rsplit("/manifests/", 1)[0]  # shards are found beside the manifest, wherever it moved
-    return manifest
+    try:
+        return Manifest.of(data, uri)
+    except TypeError as e:  # a field missing or of the wrong shape
+        raise UserError(f"{uri} is not a {FORMAT} manifest this version can read ({e})") from None
 
 
-def save(root: str, manifest: dict) -> str:
+def save(root: str, manifest: Manifest) -> str:
     """Write a new version's manifest: the commit point.  Never replaces one (FileExistsError)."""
-    uri = manifest_uri(root, manifest["version"])
-    data = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    storage.create_exclusive(uri, json.dumps(data, indent=1, sort_keys=False).encode())
+    uri = manifest_uri(root, manifest.version)
+    storage.create_exclusive(uri, json.dumps(manifest.to_json(), indent=1, sort_keys=False).encode())
     return uri
 
 
-def digest(manifest: dict) -> str:
+def digest(manifest: Manifest) -> str:
     """A short hash that names exactly this dataset version's content (its shards' sha256s)."""
     h = hashlib.sha256()
-    for s in sorted(manifest["shards"], key=lambda s: s["name"]):
+    for s in sorted(manifest.shards, key=lambda s: s["name"]):
         h.update(f"{s['name']}:{s['sha256']}\n".encode())
-    for shard, keys in sorted(manifest.get("superseded", {}).items()):
+    for shard, keys in sorted(manifest.superseded.items()):
         h.update(f"-{shard}:{','.join(sorted(keys))}\n".encode())
     return h.hexdigest()[:16]
 
 
-def next_shard_index(root: str, manifest: dict | None) -> int:
+def next_shard_index(root: str, manifest: Manifest | None) -> int:
     """One past every index in use: in the manifest *and* on storage (a crashed run may have left shards)."""
-    names = [s["name"] for s in (manifest or {}).get("shards", [])]
+    names = [s["name"] for s in (manifest.shards if manifest else [])]
     names += [u.rsplit("/", 1)[-1] for u in storage.list_files(shards_dir(root), ".tar")]
     idx = [int(m.group(2)) for n in names if (m := _SHARD.match(n))]
     return max(idx, default=-1) + 1
@@ -134,27 +191,26 @@ def verify_shard(uri: str, sha256: str) -> bool:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == sha256
 
 
-def shard_uris(manifest: dict, split: str, source: str | None = None) -> list[str]:
+def shard_uris(manifest: Manifest, split: str, source: str | None = None) -> list[str]:
     """The shards of one split (of one source when given), in manifest order."""
-    root = manifest.get("_root", manifest["root"])
-    return [storage.join(shards_dir(root), s["name"]) for s in manifest["shards"]
+    return [storage.join(shards_dir(manifest.base), s["name"]) for s in manifest.shards
             if s["split"] == split and (source is None or s.get("source") == source)]
 
 
-def source_names(manifest: dict) -> list[str]:
+def source_names(manifest: Manifest) -> list[str]:
     """The sources whose faces this version holds (by their shards), in the order they were added."""
-    return list(dict.fromkeys(s["source"] for s in manifest["shards"] if s.get("source")))
+    return list(dict.fromkeys(s["source"] for s in manifest.shards if s.get("source")))
 
 
-def split_count(manifest: dict, split: str, source: str | None = None) -> int:
+def split_count(manifest: Manifest, split: str, source: str | None = None) -> int:
     if source is None:
-        return int(manifest["counts"].get(split, 0))
-    by_source = manifest.get("counts_by_source", {})
+        return int(manifest.counts.get(split, 0))
+    by_source = manifest.counts_by_source
     if source not in by_source:
-        raise ValueError(f"dataset {manifest.get('_uri', '')} has no source '{source}'; it has: "
+        raise ValueError(f"dataset {manifest.uri} has no source '{source}'; it has: "
                          f"{', '.join(by_source) or 'no per-source counts (built before sources were recorded)'}")
     return int(by_source[source].get(split, 0))
 
 
-__all__ = ["FORMAT", "SPLITS", "digest", "encode_tar", "iter_tar", "latest_version", "load", "manifest_uri",
+__all__ = ["FORMAT", "SPLITS", "Manifest", "digest", "encode_tar", "iter_tar", "latest_version", "load", "manifest_uri",
            "next_shard_index", "read_shard", "save", "shard_uris", "source_names", "split_count", "verify_shard"]

@@ -67,7 +67,7 @@ def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, augme
     }
 
 
-def mix_weights(manifest: dict, split: str, weights: dict[str, float]) -> dict[str, float]:
+def mix_weights(manifest: mf.Manifest, split: str, weights: dict[str, float]) -> dict[str, float]:
     """source -> probability of the training mix; {} = by size.  Every source of the split must be named."""
     names = [n for n in mf.source_names(manifest) if mf.shard_uris(manifest, split, n)]
     if not weights:
@@ -90,7 +90,7 @@ class FaceShards(torch.utils.data.IterableDataset):
     ``epochs=None`` loops forever (training); val/test default to one pass in a fixed order.
     """
 
-    def __init__(self, manifest: dict | str, split: str, data: DataConfig, rank: int = 0, world_size: int = 1,
+    def __init__(self, manifest: mf.Manifest | str, split: str, data: DataConfig, rank: int = 0, world_size: int = 1,
                  seed: int = 0, epochs: int | None = 1, shuffle: bool | None = None, limit: int | None = None,
                  source: str | None = None):
         super().__init__()
@@ -105,12 +105,12 @@ class FaceShards(torch.utils.data.IterableDataset):
             mf.split_count(self.manifest, split, source)  # an unknown source is an error naming the known ones
         self.source = source
         self.shards = mf.shard_uris(self.manifest, split, source)
-        self.sha256 = {s["name"]: s.get("sha256") for s in self.manifest["shards"]}
+        self.sha256 = {s["name"]: s.get("sha256") for s in self.manifest.shards}
         # weighted mixing: endless training streams only (a finite pass reads every face once)
         self.mix = mix_weights(self.manifest, split, data.source_weights) if epochs is None and source is None \
             else {}
-        self.stale = {(name, k) for name, keys in self.manifest.get("superseded", {}).items() for k in keys}
-        self.added_by = {s["name"]: s.get("version_added") for s in self.manifest["shards"]}
+        self.stale = {(name, k) for name, keys in self.manifest.superseded.items() for k in keys}
+        self.added_by = {s["name"]: s.get("version_added") for s in self.manifest.shards}
         self.stats = {"samples": 0, "bad_shards": 0, "bad_samples": 0}
         self._skipped: list[str] = []  # shards skipped since the last example (travel with the next one)
 

@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from prouigan.presets import generator_config
 from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config, ConfigError, load_config
+from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import mix_weights
 from prouigan_platform.errors import UserError
 from prouigan_platform.registry import ModelCard, log_and_register
@@ -66,7 +67,7 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def check_mix(cfg: Config, manifest: dict) -> None:
+def check_mix(cfg: Config, manifest: mf.Manifest) -> None:
     """A source mix that does not fit the dataset: one config error here, not a traceback from every worker."""
     for key, weights in (("source_weights", cfg.data.source_weights),
                          ("final_source_weights", cfg.data.final_source_weights)):
@@ -111,7 +112,7 @@ def tracking_off() -> bool:
     return not tracking.enabled()
 
 
-def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, tags: dict | None = None) -> dict:
+def train_and_register(cfg: Config, manifest: mf.Manifest, init: dict | None = None, tags: dict | None = None) -> dict:
     """Train (or resume) ``cfg.name`` on a dataset version and register its best checkpoint as a new version of
     ``tracking.registered_model`` with alias ``challenger``.  Ray must be initialised.
     -> {"run_id", "checkpoint", "version" (models:/NAME/N, None without tracking or checkpoint)}.
@@ -129,7 +130,7 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
                                    find_tag=(tracking.TAG_TRAIN_NAME, cfg.name), tags=tags)
     try:
         with tracking.run_scope(run_id):
-            result = fit(cfg, manifest["_uri"], run_id, init=init)
+            result = fit(cfg, manifest.uri, run_id, init=init)
             if result.error is not None:
                 raise result.error
             return _register(cfg, manifest, result, run_id)
@@ -139,7 +140,7 @@ def train_and_register(cfg: Config, manifest: dict, init: dict | None = None, ta
         raise
 
 
-def check_data(cfg: Config, manifest: dict, result) -> None:
+def check_data(cfg: Config, manifest: mf.Manifest, result) -> None:
     """Refuse (UserError, one line) to register a model trained on less than its dataset version, unless
     ``train.allow_partial_data``: every train shard the workers could not read is named."""
     last = result.checkpoint
@@ -149,7 +150,7 @@ def check_data(cfg: Config, manifest: dict, result) -> None:
         skipped = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True).get(
             "shards_skipped", [])
     if skipped and not cfg.train.allow_partial_data:
-        raise UserError(f"trained on less than dataset {manifest['_uri']}: {len(skipped)} train shard(s) could not be "
+        raise UserError(f"trained on less than dataset {manifest.uri}: {len(skipped)} train shard(s) could not be "
                         f"read ({', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}); nothing registered. "
                         "Repair the dataset (prouigan shard) or pass train.allow_partial_data=true")
     if skipped:
@@ -157,7 +158,7 @@ def check_data(cfg: Config, manifest: dict, result) -> None:
               "(train.allow_partial_data)", file=sys.stderr)
 
 
-def _register(cfg: Config, manifest: dict, result, run_id: str | None) -> dict:
+def _register(cfg: Config, manifest: mf.Manifest, result, run_id: str | None) -> dict:
     out = {"run_id": run_id, "checkpoint": None, "version": None}
     check_data(cfg, manifest, result)
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)

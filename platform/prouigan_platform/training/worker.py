@@ -39,7 +39,7 @@ from prouigan.losses import perceptual_network
 from prouigan.metrics import masked_psnr, psnr, ssim
 from prouigan.presets import GeneratorConfig, generator_config
 from prouigan.training import GANStep, autocast_dtype, channels_last, channels_last_batch, cosine_factor
-from prouigan_platform import storage
+from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.dataset.reader import FaceShards
@@ -188,7 +188,7 @@ def data_tags(read: set[str], skipped: set[str]) -> dict[str, str]:
     """What a run records of the train shards it read: how many, a digest of which, and any it could not read."""
     names = "\n".join(sorted(read)).encode()
     return {"data_shards_read": str(len(read)), "data_shards_read_digest": hashlib.sha256(names).hexdigest()[:16],
-            "data_shards_skipped": ",".join(sorted(skipped))[:4000]}
+            "data_shards_skipped": ",".join(sorted(skipped))[:tracking.ERROR_CHARS]}
 
 
 def _state(module) -> dict:
@@ -373,7 +373,7 @@ class WorkerRun:
         try:
             raw = next(self.loader)
         except StopIteration:
-            raise RuntimeError(f"no train face of {self.manifest['_uri']} could be read by worker {self.rank} (shards "
+            raise RuntimeError(f"no train face of {self.manifest.uri} could be read by worker {self.rank} (shards "
                                f"skipped: {', '.join(sorted(self.shards_skipped)) or 'none'})") from None
         self.shards_read.update(raw.pop("shard"))
         self.shards_skipped.update(n for names in raw.pop("skipped") for n in names.split(",") if n)
@@ -427,7 +427,7 @@ class WorkerRun:
                     **generator_state(self.g), "d_global": _state(self.d_global), "d_local": _state(self.d_local),
                     "optimizers": self.step_fn.state_dict(), "step": step, "config": self.loop_config["config"],
                     "elapsed_s": self.elapsed(), "shards_read": sorted(read), "shards_skipped": sorted(skipped),
-                    "manifest_digest": self.manifest.get("digest", mf.digest(self.manifest))})
+                    "manifest_digest": self.manifest.digest or mf.digest(self.manifest)})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step_{step:07d}")
         else:
