@@ -200,7 +200,13 @@ def test_the_step_benchmark_runs_its_whole_table_on_cpu(stack, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith("4 ")]
-    assert [(r[2], r[3]) for r in rows] == [("eager", "out"), ("default", "out"), (rows[2][2], "in"),
-                                            (rows[2][2], "dev")], out.stdout
+    from prouigan.training import cpu_bf16_supported
+
+    # fp32 rows, then bf16 rows where this CPU has bf16 instructions (and says so where it has not)
+    precisions = ["tf32/fp32", "bf16"] if cpu_bf16_supported() else ["tf32/fp32"]
+    table = [(p, mode, "out") for p in precisions for mode in ("eager", "default")]
+    assert [(r[1], r[2], r[3]) for r in rows] == [*table, (rows[-2][1], rows[-2][2], "in"),
+                                                  (rows[-2][1], rows[-2][2], "dev")], out.stdout
+    assert cpu_bf16_supported() or "this CPU has no bf16 instructions" in out.stdout
     assert all(float(r[4]) > 0 and r[-1] == "True" for r in rows), out.stdout
     assert "GFLOP per sample" in out.stdout and out.stdout.count("data path alone") == 2

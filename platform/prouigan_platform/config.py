@@ -99,6 +99,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     shuffle_buffer: int = Field(default=256, ge=0)
+    # DataLoader processes per training worker that decode, occlude and degrade faces (0: in the worker itself)
+    reader_processes: int = Field(default=1, ge=0)
     # training mix by source name (as the shard summary prints them): {} reads every source in proportion to its
     # size; otherwise every source of the dataset must be named, and a weight of 0 leaves that source out
     source_weights: dict[str, float] = {}

@@ -313,8 +313,8 @@ def _build(records: list[dict], data_cfg: DataConfig, root: str, engine: str, pr
     quarantined += new_dups
     result.manifest = commit_version(root, parent, settings, meta, todo, quarantined, shard_meta,
                                      sorted(label_parts), lock)
-    if settings_of_run.run:  # this run's temporary folder, now empty
-        fs.delete_dir_contents(storage.filesystem(tmp_dir(root, settings_of_run.run))[1], missing_dir_ok=True)
+    if settings_of_run.run and storage.exists(tmp_dir(root, settings_of_run.run)):  # this run's folder, now empty
+        fs.delete_dir(storage.filesystem(tmp_dir(root, settings_of_run.run))[1])
     result.quarantined, result.new_shards = quarantined, shard_meta
     result.seconds = time.time() - t0
     return result

@@ -350,7 +350,8 @@ class WorkerRun:
         data = self.cfg.data.model_copy(update={"source_weights": self.mix})
         ds = FaceShards(self.manifest, "train", data, rank=self.rank, world_size=self.world,
                         seed=self.cfg.seed + at_step, epochs=None)
-        return iter(DataLoader(ds, batch_size=self.cfg.train.batch_size, num_workers=1, persistent_workers=True))
+        n = self.cfg.data.reader_processes
+        return iter(DataLoader(ds, batch_size=self.cfg.train.batch_size, num_workers=n, persistent_workers=n > 0))
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t_loop
