@@ -77,7 +77,9 @@ def _sockets(pids: set[int]) -> list[tuple[str, str, str, int]]:
     for c in psutil.net_connections(kind="inet"):
         if c.pid in pids and c.laddr and (c.status == psutil.CONN_LISTEN or c.type == 2):
             try:
-                cmd = " ".join(psutil.Process(c.pid).cmdline())[:80]
+                argv = psutil.Process(c.pid).cmdline()
+                # the program's own name first: a full path to gcs_server in a deep checkout would not fit the cut
+                cmd = " ".join([Path(argv[0]).name, *argv[1:]])[:120] if argv else ""
             except psutil.Error:
                 continue
             out.append((cmd, "udp" if c.type == 2 else "tcp", c.laddr.ip, c.laddr.port))
@@ -162,7 +164,7 @@ def test_every_socket_of_the_stack_is_on_loopback_while_a_training_job_runs(user
     sockets = _sockets(st.stack_pids(state))
     workers = [s for s in sockets if "RayTrainWorker" in s[0]]
     drivers = [s for s in sockets if "pipelines/train.py" in s[0]]
-    assert {"gcs_server", "raylet"} <= {Path(s[0].split()[0]).name for s in sockets}, sockets
+    assert {"gcs_server", "raylet"} <= {s[0].split(" ")[0] for s in sockets}, sockets
     assert workers and drivers, sockets  # looked while the training ran: its workers and driver listen too
     wide = [s for s in sockets if not _loopback(s[2])]
     assert wide == [], wide

@@ -18,6 +18,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import webdataset as wds
 
@@ -106,8 +107,9 @@ FILE_ORDER = ("format", "version", "parent", "created", "root", "config", "confi
 
 
 def load(uri: str) -> Manifest:
-    """A manifest from its URI, or the latest version under a dataset root."""
-    uri = str(uri)
+    """A manifest from its URI, or the latest version under a dataset root.  A local path is made absolute: the
+    manifest's URI travels to Ray workers, whose working folder is not this one."""
+    uri = str(uri) if storage.is_s3(uri) else str(Path(str(uri)).expanduser().resolve())
     if not uri.endswith(".json"):
         version = latest_version(uri)
         if not version:
