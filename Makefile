@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/prouigan demo
 
+# the default suite: every tier but the slow ones and the cluster, about 20 minutes on 2 cores
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not inductor and not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not inductor and not cluster" $(PYTEST_ARGS)
 
 # pure unit tests: nothing started (no stack, no Ray, no MLflow server), under 2 minutes on 2 cores
 test-fast: $(STAMP)
@@ -32,8 +33,9 @@ test-fast: $(STAMP)
 cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster $(PYTEST_ARGS)
 
+# the tests of a minute or more each (whole searches, retraining, kills mid-training, Inductor compiles)
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m inductor $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "(slow or inductor) and not cluster" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check prouigan platform pipelines tests benchmarks infra

@@ -54,6 +54,7 @@ def _kill_service(spec, name: str) -> None:
     psutil.wait_procs([proc], timeout=10)
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_mlflow_killed_mid_training_costs_no_checkpoint_and_the_registry_survives(durable_stack, tmp_path):
     spec = durable_stack
     store = Path(spec.store)

@@ -125,6 +125,7 @@ def _broken_copy(stack, manifest: str) -> str:
     return f"s3://{stack.bucket}/{dst}/manifests/v0001.json"
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_the_gate_promotes_better_models_only_and_never_on_a_partial_evaluation(stack, faces, versions, tmp_path):
     client = mlflow.MlflowClient(stack.mlflow_uri)
     champion = lambda: client.get_model_version_by_alias(MODEL, "champion").version  # noqa: E731

@@ -28,6 +28,7 @@ def sharded(stack, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_a_resume_skips_a_torn_newest_checkpoint_and_says_so(stack, sharded):
     common = _common(sharded, "torn")
     out = run_cli(stack, "train", *common, "train.steps=4")
@@ -60,6 +61,7 @@ def test_the_gate_refuses_the_train_split_and_too_few_faces(stack, sharded):
         client.get_model_version_by_alias("gate-evidence", "champion")
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_a_training_that_could_not_read_a_shard_registers_nothing_unless_told(stack, sharded, tmp_path):
     import shutil
 

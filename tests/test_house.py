@@ -198,6 +198,7 @@ def test_the_field_check_catches_an_unread_field_of_a_section_and_of_a_source():
 
 
 @pytest.mark.stack  # `shard --local` and `train` start a private Ray
+@pytest.mark.slow  # ~1 minute on 2 cores
 def test_commands_without_a_tracking_address_leave_no_stray_store_in_the_repo(tmp_path):
     """MLflow's client, given no tracking address, would make ./mlflow.db: no command may let it."""
     before = set(os.listdir(REPO))

@@ -40,6 +40,7 @@ def seeded(stack, tmp_path_factory):
     return client, v
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_retrain_promotes_new_data_then_does_nothing_then_keeps_the_champion_on_a_failed_evaluation(stack, seeded):
     client, bad = seeded
     champion = lambda: client.get_model_version_by_alias(MODEL, gate.CHAMPION).version  # noqa: E731

@@ -89,6 +89,7 @@ def test_hallucinate_round_trips_a_folder_and_rejects_a_bad_file(trained, tmp_pa
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_a_killed_worker_restarts_from_the_checkpoint_and_the_step_count_continues(stack, tmp_path):
     """SIGKILL a training worker mid-run: FailureConfig restarts the group from the latest checkpoint."""
     import signal
@@ -188,6 +189,7 @@ def test_checkpoint_every_is_its_own_rhythm_and_the_console_shows_progress(stack
     assert "INFO worker.py" not in log and "Moving model to device" not in log  # Ray's INFO lines: only --verbose
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores: `make test-slow` and CI
 def test_the_step_benchmark_runs_its_whole_table_on_cpu(stack, tmp_path):
     """benchmarks/step.py is what a lent GPU runs first: every row kind (eager and compiled, data out, data in
     from the reader, occluded on the device) must work before device time is spent on it."""

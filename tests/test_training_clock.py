@@ -51,6 +51,19 @@ def test_the_budget_clock_broadcasts_every_few_steps_and_every_rank_gets_the_sam
     assert out[99] == pytest.approx(elapsed[99] / 200, abs=0.01)  # and caught up since
 
 
+def test_a_slow_first_interval_does_not_run_the_budget_clock_ahead():
+    """The first steps of a compiled run take minutes (torch.compile); extrapolating from them would put progress
+    far ahead of the clock, holding the schedules and the printed ETA wrong until the clock caught up."""
+    from prouigan_platform.training.worker import BudgetClock
+
+    clock = BudgetClock(10_000, 600.0, every=10, broadcast=lambda v: v)
+    # step 1 ends after 90 s of compiling, then 0.5 s a step; the discriminators join at step 45 and compile 60 s
+    elapsed = [0.0] + [90.0 + 0.5 * s + (60.0 if s >= 45 else 0.0) for s in range(1, 90)]
+    out = [clock(s, elapsed[s]) for s in range(90)]
+    assert max(d - e / 600 for d, e in zip(out, elapsed, strict=True)) < 0.01, out
+    assert out[-1] == pytest.approx(elapsed[-1] / 600, abs=0.01)
+
+
 def test_the_budget_clock_of_one_process_reads_its_own_clock_every_step():
     from prouigan_platform.training.worker import BudgetClock
 

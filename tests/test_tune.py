@@ -11,7 +11,7 @@ import yaml
 from prouigan_platform.config import load_config
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.slow]  # trials of real trainings: ~4 minutes in all
 
 
 def _cli(stack, *args: str, timeout: int = 900):

@@ -162,7 +162,8 @@ class BudgetClock:
     def __init__(self, steps: int, budget_s: float | None, every: int = 10, broadcast=None):
         self.steps, self.budget_s, self.every, self.broadcast = steps, budget_s, every, broadcast
         self.last: tuple[int, float] | None = None  # (step, done) of the last broadcast
-        self.rate = 0.0  # progress per step between the last two broadcasts
+        self.rates: list[float] = []  # progress per step over the last two intervals between broadcasts
+        self.rate = 0.0  # what the steps in between extrapolate with
         self.broadcasts = 0
         self.done = 0.0
 
@@ -174,7 +175,11 @@ class BudgetClock:
             done = self.broadcast(local)
             self.broadcasts += 1
             if self.last is not None and step > self.last[0]:
-                self.rate = max(0.0, (done - self.last[1]) / (step - self.last[0]))
+                self.rates = [*self.rates[-1:], max(0.0, (done - self.last[1]) / (step - self.last[0]))]
+                # the slower of the last two intervals: one slow interval (torch.compile's first steps, the
+                # discriminators compiling when they join, a validation, a checkpoint) is minutes long for a few
+                # steps and would run progress far ahead of the clock
+                self.rate = min(self.rates) if len(self.rates) == 2 else 0.0
             self.last = (step, done)
         else:
             done = max(step / self.steps, self.last[1] + (step - self.last[0]) * self.rate)
@@ -214,6 +219,8 @@ class ProgressPrinter:
         where = (f"{elapsed_s / 60:.1f}/{t.max_minutes:g} min" if t.max_minutes and done > step / t.steps
                  else f"step {step:,}/{t.steps:,}")
         eta = (now - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
+        if t.max_minutes:  # the time budget ends the run by then, however slow the first (compiling) steps were
+            eta = min(eta, max(t.max_minutes * 60 - elapsed_s, 0.0)) if eta == eta else t.max_minutes * 60 - elapsed_s
         d = logs.get("d_global", logs.get("d_total"))  # 0-d tensors: read only here, every ~30 s
         d, g = (None if d is None else float(d)), float(logs.get("g_total", 0))
         print(f"[train] step {step:,} | {where} ({done:.0%}) | {rate:.1f} samples/s | G {g:.4f}"
@@ -272,7 +279,8 @@ class WorkerRun:
         self.samples_since_report = 0
         budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
         self.clock = BudgetClock(cfg.train.steps, budget_s, cfg.train.sync_every,
-                                 broadcast_from_rank0 if dist.is_available() and dist.is_initialized() else None)
+                                 broadcast_from_rank0 if dist.is_available() and dist.is_initialized()
+                                 and dist.get_world_size() > 1 else None)
         self.done = self.clock(self.start, self.elapsed_before)  # rank 0's clock decides for all
         self.mix = cfg.data.mix_at(self.done)
         self.loader = self._train_batches(self.start)
