@@ -40,12 +40,16 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, de
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
     a, b = a.double(), b.double()
     c = a.shape[1]
-    w = _gaussian_window(win, sigma, device=a.device).expand(c, 1, win, win)
-    filt = lambda x: F.conv2d(x, w, groups=c)  # noqa: E731 ('valid': skimage crops the same border)
-    mu_a, mu_b = filt(a), filt(b)
-    va = filt(a * a) - mu_a ** 2
-    vb = filt(b * b) - mu_b ** 2
-    cov = filt(a * b) - mu_a * mu_b
+    # the Gaussian window is separable: a column pass then a row pass, on the five maps at once, is the 2-D
+    # window's result at a fifth of the work (float64 convolutions have no fast CPU kernel)
+    g = _gaussian_window(win, sigma, device=a.device).sum(1)  # the 1-D window (rows of the 2-D one sum to it)
+    x = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    x = F.conv2d(x, g.view(1, 1, win, 1).expand(5 * c, 1, win, 1), groups=5 * c)  # 'valid', as skimage crops
+    x = F.conv2d(x, g.view(1, 1, 1, win).expand(5 * c, 1, 1, win), groups=5 * c)
+    mu_a, mu_b, aa, bb, ab = x.split(c, dim=1)
+    va = aa - mu_a ** 2
+    vb = bb - mu_b ** 2
+    cov = ab - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
     return s.flatten(1).mean(1)
