@@ -191,3 +191,21 @@ def test_a_taken_port_gives_a_clear_error(tmp_path):
     assert out.returncode == 1
     assert f"port {port}" in out.stderr and "already in use" in out.stderr
     assert not any(r["running"] for r in st.status(tmp_path))
+
+
+def test_a_full_disk_inside_a_ray_task_is_the_machines_error_not_a_bug():
+    """Ray sends a task's error back as text (RayTaskError(UserCodeException)); the chaos test found a shard run on
+    a full disk ending in a traceback.  The disk's errno is read from the cause chain or, failing that, the text."""
+    from prouigan_platform.cli import _expected, _message
+
+    class RayTaskError(Exception):  # the name Ray's driver-side class carries; the chain is lost on the way
+        pass
+
+    remote = RayTaskError("ray::MapBatches(_ingest_batch)() (pid=1, ip=127.0.0.1)\n  File \"storage.py\", line 75\n"
+                          "OSError: [Errno 28] No space left on device\n\nUDF failed to process a data block.")
+    assert _expected(remote) == 1 and _message(remote) == "No space left on device"
+    chained = RuntimeError("wrapped")
+    chained.__cause__ = OSError(28, "No space left on device", "/data/x.tar")
+    assert _expected(chained) == 1 and _message(chained) == "No space left on device: /data/x.tar"
+    assert _expected(RayTaskError("ValueError: [Errno 2] a bug")) is None  # not a machine errno: still a bug
+    assert _expected(RuntimeError("a bug")) is None

@@ -11,6 +11,7 @@ import argparse
 import errno
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def _expected(e: Exception) -> int | None:
         return e.code
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return 1
-    if isinstance(e, OSError) and e.errno in USER_ERRNOS:  # the machine's, not a bug: a full disk, a read-only one
+    if _machine_error(e) is not None:  # the machine's, not a bug: a full disk, a read-only one
         return 1
     return None
 
@@ -225,12 +226,29 @@ def _expected(e: Exception) -> int | None:
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EMFILE, errno.ENAMETOOLONG}
 
 
+def _machine_error(e: BaseException) -> OSError | None:
+    """The full-disk (read-only disk, …) error behind ``e``: ``e`` itself, its causes, or, for an error raised in
+    a Ray task (a Ray Data block writing a shard), the one its text names: Ray sends the remote traceback as text,
+    and the cause's own chain does not survive the trip."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in USER_ERRNOS:
+            return x
+        x = getattr(x, "cause", None) or x.__cause__ or x.__context__
+    if "RayTaskError" in type(e).__name__ or "UserCodeException" in type(e).__name__:
+        for m in re.finditer(r"\[Errno (\d+)\] ([^\n:]+)", str(e)):
+            if int(m.group(1)) in USER_ERRNOS:
+                return OSError(int(m.group(1)), m.group(2).strip())
+    return None
+
+
 def _message(e: Exception) -> str:
     """One line; a stack failure keeps the log lines it quotes."""
     from prouigan_platform.stack import StackError  # see _expected
 
-    if isinstance(e, OSError) and e.errno in USER_ERRNOS:
-        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    if (os_err := _machine_error(e)) is not None:
+        return f"{os_err.strerror}" + (f": {os_err.filename}" if os_err.filename else "")
     text = str(e).strip() or type(e).__name__
     return text if isinstance(e, StackError) else " ".join(text.split())
 
