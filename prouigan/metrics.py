@@ -31,10 +31,10 @@ def masked_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, data_range
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
+    """The 1-D Gaussian; the 2-D SSIM window is its outer product with itself."""
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
+    return g / g.sum()
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -42,7 +42,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 1
     c = a.shape[1]
     # the Gaussian window is separable: a column pass then a row pass, on the five maps at once, is the 2-D
     # window's result at a fifth of the work (float64 convolutions have no fast CPU kernel)
-    g = _gaussian_window(win, sigma, device=a.device).sum(1)  # the 1-D window (rows of the 2-D one sum to it)
+    g = _gaussian_window(win, sigma, device=a.device)
     x = torch.cat([a, b, a * a, b * b, a * b], dim=1)
     x = F.conv2d(x, g.view(1, 1, win, 1).expand(5 * c, 1, win, 1), groups=5 * c)  # 'valid', as skimage crops
     x = F.conv2d(x, g.view(1, 1, 1, win).expand(5 * c, 1, 1, win), groups=5 * c)

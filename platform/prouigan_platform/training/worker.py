@@ -163,7 +163,6 @@ class BudgetClock:
         self.steps, self.budget_s, self.every, self.broadcast = steps, budget_s, every, broadcast
         self.last: tuple[int, float] | None = None  # (step, done) of the last broadcast
         self.rates: list[float] = []  # progress per step over the last two intervals between broadcasts
-        self.rate = 0.0  # what the steps in between extrapolate with
         self.broadcasts = 0
         self.done = 0.0
 
@@ -176,13 +175,13 @@ class BudgetClock:
             self.broadcasts += 1
             if self.last is not None and step > self.last[0]:
                 self.rates = [*self.rates[-1:], max(0.0, (done - self.last[1]) / (step - self.last[0]))]
-                # the slower of the last two intervals: one slow interval (torch.compile's first steps, the
-                # discriminators compiling when they join, a validation, a checkpoint) is minutes long for a few
-                # steps and would run progress far ahead of the clock
-                self.rate = min(self.rates) if len(self.rates) == 2 else 0.0
             self.last = (step, done)
         else:
-            done = max(step / self.steps, self.last[1] + (step - self.last[0]) * self.rate)
+            # the slower of the last two intervals: one slow interval (torch.compile's first steps, the
+            # discriminators compiling when they join, a validation, a checkpoint) is minutes long for a few
+            # steps and would run progress far ahead of the clock
+            rate = min(self.rates) if len(self.rates) == 2 else 0.0
+            done = max(step / self.steps, self.last[1] + (step - self.last[0]) * rate)
         # never backwards (an extrapolation can run ahead of the next broadcast): a schedule or the final mix
         # must not switch back
         self.done = max(self.done, done)
@@ -220,7 +219,8 @@ class ProgressPrinter:
                  else f"step {step:,}/{t.steps:,}")
         eta = (now - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
         if t.max_minutes:  # the time budget ends the run by then, however slow the first (compiling) steps were
-            eta = min(eta, max(t.max_minutes * 60 - elapsed_s, 0.0)) if eta == eta else t.max_minutes * 60 - elapsed_s
+            left = max(t.max_minutes * 60 - elapsed_s, 0.0)
+            eta = left if eta != eta else min(eta, left)
         d = logs.get("d_global", logs.get("d_total"))  # 0-d tensors: read only here, every ~30 s
         d, g = (None if d is None else float(d)), float(logs.get("g_total", 0))
         print(f"[train] step {step:,} | {where} ({done:.0%}) | {rate:.1f} samples/s | G {g:.4f}"
