@@ -61,7 +61,9 @@ def main() -> None:
     for spec in a.run:
         label, _, rest = spec.partition("=")
         rest, _, limit = rest.partition("@")
-        manifest, split, *source = rest.split(":")
+        manifest, split, *source = [*rest.split(":"), ""] if rest.count(":") == 0 else rest.split(":")
+        if not (label and manifest and split and (not limit or limit.isdigit())):
+            ap.error(f"--run {spec!r}: expected LABEL=MANIFEST:SPLIT[:SOURCE][@LIMIT] (no '=' in LABEL)")
         r = measure(a.model, manifest, split, source[0] if source else None, int(limit) if limit else None)
         print(f"{label:28s} {r['faces']:7,d} {r['seconds']:8.0f} {r['faces'] / r['seconds']:8.1f} "
               f"{r['peak_rss_gib']:7.2f} GiB", flush=True)
