@@ -156,6 +156,30 @@ def test_incremental_versions_reuse_shards_and_keep_splits(ray_on_stack, tmp_pat
     assert len(keys) == len(set(keys)) == 30
 
 
+def test_the_same_inputs_make_the_same_shards_while_other_work_holds_a_cpu(ray_on_stack, tmp_path):
+    import ray
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        _face(i, src, f"f{i:02d}.png")
+    quiet = _build([SourceConfig(path=str(src))], tmp_path / "a").manifest
+
+    @ray.remote(num_cpus=1)
+    class Busy:
+        def ping(self) -> bool:
+            return True
+
+    busy = Busy.remote()
+    ray.get(busy.ping.remote())  # the actor holds its CPU from here on
+    try:
+        assert ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]
+        loaded = _build([SourceConfig(path=str(src))], tmp_path / "b").manifest
+    finally:
+        ray.kill(busy)
+    assert [s["sha256"] for s in loaded["shards"]] == [s["sha256"] for s in quiet["shards"]]
+
+
 def test_a_crashed_run_leaves_no_visible_half_shard(ray_on_stack, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -167,7 +167,9 @@ def ingest_ray(records: list[dict], settings: IngestSettings, root: str, shard_m
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line says inputs, faces/s and ETA
-    slots = int(ray.available_resources().get("CPU", 2))
+    # the cluster's CPUs, not the ones free right now: the block layout decides the shards' bytes, so the same
+    # inputs on the same cluster must make the same shards whatever else happens to be running
+    slots = int(ray.cluster_resources().get("CPU", 2))
     ds = (ray.data.from_items(records, override_num_blocks=_blocks(records, settings, shard_max, slots))
           .map_batches(_ingest_batch, batch_size=None, batch_format="pyarrow",
                        fn_kwargs={"root": root, "settings": settings}))
