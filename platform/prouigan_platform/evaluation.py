@@ -254,11 +254,8 @@ def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, sour
     skipped: dict[str, str] = {}
     if not use_dlib:
         skipped.update({k: "dlib metrics turned off" for k in DLIB_METRICS})
-    names = [BICUBIC, *models]
-    per_face: dict[str, dict[str, list]] = {n: {} for n in names}
     keep = Cases(cases) if case_model in models else None
-    run = _BatchScorer(models, names, per_face, keep, case_model, batch_size, heatmap_sigma, use_dlib,
-                       skipped)
+    run = _BatchScorer(models, keep, case_model, batch_size, heatmap_sigma, use_dlib, skipped)
     bar = Progress("evaluate", min(expected, limit or expected), "faces", every=progress_every) \
         if progress_every else None
     with torch.inference_mode():
@@ -274,8 +271,8 @@ def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, sour
     if not info.keys:
         raise ValueError(f"no '{split}' face of {manifest_uri} could be read ({ds.stats})")
     methods = {}
-    for name in names:
-        pf = {k: np.concatenate(v) for k, v in per_face[name].items()}
+    for name, scores in run.per_face.items():
+        pf = {k: np.concatenate(v) for k, v in scores.items()}
         methods[name] = Method(name, pf, _summarise(pf))
     if not run.any_landmarks:
         skipped.setdefault("nme", "no face of the split has ground-truth landmarks")
@@ -284,12 +281,11 @@ def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, sour
 
 @dataclass
 class _BatchScorer:
-    """Scores one batch for every method into ``per_face`` (and offers the case model's faces to ``keep``); what a
-    batch allocates dies when the call returns, so the caller can hand it back to the OS."""
+    """Scores one batch for bicubic and every model into ``per_face`` (method -> metric -> per-batch arrays) and
+    offers the case model's faces to ``keep``; what a batch allocates dies when the call returns, so the caller can
+    hand it back to the OS."""
 
     models: dict
-    names: list[str]
-    per_face: dict[str, dict[str, list]]
     keep: Cases | None
     case_model: str | None
     batch_size: int
@@ -298,6 +294,10 @@ class _BatchScorer:
     skipped: dict[str, str]
     stages: int = 0
     any_landmarks: bool = False
+    per_face: dict[str, dict[str, list]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.per_face = {name: {} for name in (BICUBIC, *self.models)}
 
     def __call__(self, batch: dict) -> None:
         lr, hr, mask = batch["lr"], batch["hr"], batch["mask"]
@@ -318,8 +318,7 @@ class _BatchScorer:
             except DlibMissing as e:
                 self.dlib = False
                 self.skipped.update({k: str(e) for k in DLIB_METRICS})
-        for name in self.names:
-            out = finals[name]
+        for name, out in finals.items():
             pf = {"psnr": psnr(out, hr).numpy(), "ssim": ssim(out, hr).numpy(),
                   "psnr_occluded": masked_psnr(out, hr, mask).numpy(), **region_psnr(out, hr, lms, has)}
             if priors[name] is not None:
