@@ -158,3 +158,40 @@ def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
         st.up(spec, log=lambda *_: None)
         assert boto3_client().get_object(Bucket=spec.bucket, Key="keep/me.txt")["Body"].read() == b"still here"
         assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "survives"
+
+
+def test_a_service_whose_main_process_died_leaves_nothing_running_that_holds_its_port(tmp_path):
+    """The OOM killer takes one process: `mlflow` dies, its uvicorn worker lives on and keeps the port.  `up` stops
+    what the dead service left and starts it again on the same port; so does `down`.  And `up` right after a
+    whole tree was killed waits the moment the kernel takes to free the port, instead of calling it busy."""
+    import mlflow
+
+    with own_stack(tmp_path / "state") as spec:
+        exp_id = mlflow.MlflowClient(spec.mlflow_uri).create_experiment("kept")
+
+        def kill_main() -> st.ServiceRecord:
+            rec = st.load_state(spec.state_dir)[1]["mlflow"]
+            main = st.alive(rec)
+            assert st.leftovers(rec), "the mlflow service runs in worker processes of its own"
+            main.kill()
+            psutil.wait_procs([main], timeout=10)
+            return rec
+
+        rec = kill_main()
+        assert st.leftovers(rec) and st.port_in_use(spec.mlflow_port)  # orphans still serve the port
+        lines: list[str] = []
+        st.up(spec, log=lines.append)
+        assert any("were left running" in x for x in lines), lines
+        assert st.leftovers(rec) == []
+        assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "kept"
+
+        rec = st.load_state(spec.state_dir)[1]["mlflow"]
+        tree = [st.alive(rec), *st.alive(rec).children(recursive=True)]
+        for p in tree:
+            p.kill()
+        st.up(spec, log=lambda *_: None)  # at once: no time for the kernel to close the killed sockets first
+        assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "kept"
+
+        rec = kill_main()
+        st.down(spec.state_dir, log=lambda *_: None)
+        assert st.leftovers(rec) == [] and not st.port_in_use(spec.mlflow_port)

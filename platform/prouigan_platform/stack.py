@@ -211,6 +211,56 @@ def alive(rec: ServiceRecord) -> psutil.Process | None:
     return None
 
 
+def leftovers(rec: ServiceRecord) -> list[psutil.Process]:
+    """Processes a dead service left behind: ``up`` starts each service as the leader of a new session, so whatever
+    it spawned keeps its session id after the leader dies (MLflow's uvicorn worker keeps serving the port when the
+    ``mlflow`` process alone is killed, e.g. by the OOM killer).  Linux keeps a PID unused while a session still
+    bears it, so a live process of that PID but another start time means the session is someone else's."""
+    try:
+        if abs(psutil.Process(rec.pid).create_time() - rec.create_time) >= 1.0:
+            return []
+    except psutil.Error:
+        pass
+    found = []
+    for p in psutil.process_iter(["create_time"]):
+        try:
+            if p.pid != rec.pid and os.getsid(p.pid) == rec.pid and p.info["create_time"] >= rec.create_time - 1.0:
+                found.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _stop_leftovers(rec: ServiceRecord, log) -> None:
+    """Stop a dead service's leftovers (SIGTERM, then SIGKILL) and wait until its ports are free again."""
+    procs = leftovers(rec)
+    if procs:
+        log(f"{rec.name}: its main process is gone but {len(procs)} of its processes were left running "
+            f"(pids {', '.join(str(p.pid) for p in procs)}); stopping them")
+        _terminate(procs)
+        deadline = time.monotonic() + 10
+        while any(port_in_use(port) for port in rec.ports) and time.monotonic() < deadline:
+            time.sleep(0.05)  # a killed process's sockets close a moment after it dies
+
+
+def _terminate(procs: list[psutil.Process], timeout_s: float = 10.0) -> int:
+    """SIGTERM, wait, SIGKILL whatever is left; the number that had to be killed."""
+    procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    return len(left)
+
+
 def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -418,9 +468,16 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     for name in spec.services():
         rec = services.get(name)
         if rec is not None and alive(rec):
-            _wait_healthy(name, spec, rec)
-            log(f"{name}: already running (pid {rec.pid})")
-            continue
+            try:
+                _wait_healthy(name, spec, rec)
+                log(f"{name}: already running (pid {rec.pid})")
+                continue
+            except StackError:
+                if alive(rec):
+                    raise
+                log(f"{name}: its process (pid {rec.pid}) died as it was checked; starting it again")
+        if rec is not None:
+            _stop_leftovers(rec, log)
         busy = [p for p in spec.ports()[name] if port_in_use(p, spec.host)]
         if busy:
             raise StackError(
@@ -500,6 +557,8 @@ def down(state_dir: Path, log=print, timeout_s: float = 30.0, force: bool = Fals
         rec = services.get(name)
         proc = alive(rec) if rec else None
         if proc is None:
+            if rec is not None:
+                _stop_leftovers(rec, log)
             log(f"{name}: not running")
             continue
         if name == "s3":
@@ -516,18 +575,6 @@ def down(state_dir: Path, log=print, timeout_s: float = 30.0, force: bool = Fals
         tree = [proc, *proc.children(recursive=True)]
         proc.send_signal(signal.SIGTERM)
         psutil.wait_procs([proc], timeout=timeout_s)
-        rest = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        for p in rest:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, left = psutil.wait_procs(rest, timeout=10)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=5)
-        log(f"{name}: stopped (pid {rec.pid}{', killed ' + str(len(left)) + ' stragglers' if left else ''})")
+        killed = _terminate(list({*tree, *leftovers(rec)}))
+        log(f"{name}: stopped (pid {rec.pid}{', killed ' + str(killed) + ' stragglers' if killed else ''})")
     _save_state(spec, {})
