@@ -160,6 +160,7 @@ def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
         assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "survives"
 
 
+@pytest.mark.slow  # about a minute or more on 2 cores (a stack of its own, three restarts): `make test-slow` and CI
 def test_a_service_whose_main_process_died_leaves_nothing_running_that_holds_its_port(tmp_path):
     """The OOM killer takes one process: `mlflow` dies, its uvicorn worker lives on and keeps the port.  `up` stops
     what the dead service left and starts it again on the same port; so does `down`.  And `up` right after a
