@@ -243,9 +243,17 @@ def _stop_leftovers(rec: ServiceRecord, log) -> None:
             time.sleep(0.05)  # a killed process's sockets close a moment after it dies
 
 
+def _running(p: psutil.Process) -> bool:
+    """Alive and not a zombie; False, not an error, for one that dies while asked (leftovers often are dying)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _terminate(procs: list[psutil.Process], timeout_s: float = 10.0) -> int:
     """SIGTERM, wait, SIGKILL whatever is left; the number that had to be killed."""
-    procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    procs = [p for p in procs if _running(p)]
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
