@@ -38,6 +38,45 @@ def keypoints_from_5(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return lm[0], lm[1], lm[3], lm[4]
 
 
+# five points a detector gives (YuNet, RetinaFace, MTCNN): image-left eye, image-right eye, nose tip, image-left
+# and image-right mouth corners
+FIVE_POINTS = ("left_eye", "right_eye", "nose_tip", "mouth_left", "mouth_right")
+
+
+# Where the 68-point alignment puts the five points in a 128x128 face: the mean over the 964 aligned 300-W train
+# faces (`python benchmarks/tiny_faces.py template`); a detector's five points are fitted to it
+TEMPLATE_5 = np.array([[48.14, 60.49], [79.33, 60.44], [64.08, 77.36], [49.86, 93.26], [77.51, 93.16]])
+
+
+def five_points_from_68(lm: np.ndarray) -> np.ndarray:
+    """(68, 2) iBUG points -> (5, 2) in FIVE_POINTS order: eye centres (mean of each eye's 6 points), the nose tip
+    (30) and the mouth corners (48, 54)."""
+    lm = np.asarray(lm, np.float64)
+    return np.stack([lm[LEFT_EYE].mean(0), lm[RIGHT_EYE].mean(0), lm[30], lm[48], lm[54]])
+
+
+def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The similarity (rotation, uniform scale, shift; no reflection) that maps ``src`` (K, 2) onto ``dst`` (K, 2) in
+    least squares (Umeyama, 1991): ``dst ~ src @ a.T + t``; returns (a (2, 2), t (2,))."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    ms, md = src.mean(0), dst.mean(0)
+    s, d = src - ms, dst - md
+    # with complex numbers a similarity is one multiplication: z_dst = c * z_src
+    zs, zd = s[:, 0] + 1j * s[:, 1], d[:, 0] + 1j * d[:, 1]
+    c = (np.conj(zs) @ zd) / max(float(np.real(np.conj(zs) @ zs)), 1e-12)
+    a = np.array([[c.real, -c.imag], [c.imag, c.real]])
+    return a, md - a @ ms
+
+
+def quad_from_points(points: np.ndarray, template: np.ndarray = TEMPLATE_5) -> np.ndarray:
+    """The alignment square (``align_quad``'s corners) that puts ``points`` (K, 2, source pixels) where ``template``
+    (K, 2, pixels of a 128x128 aligned face) has them, by the least-squares similarity."""
+    # pixel-edge coordinates (a pixel centre is at +0.5), as the quad's corners are
+    a, t = similarity_fit(np.asarray(points, np.float64) + 0.5, np.asarray(template, np.float64) + 0.5)
+    corners = np.array([[0, 0], [0, 128], [128, 128], [128, 0]], np.float64)
+    return np.linalg.solve(a, (corners - t).T).T
+
+
 def ffhq_quad(eye_left, eye_right, mouth_left, mouth_right) -> np.ndarray:
     eye_avg = (eye_left + eye_right) / 2
     eye_to_eye = eye_right - eye_left
@@ -93,8 +132,16 @@ def _pad_reflect_blur(img: np.ndarray, pad: tuple[int, int, int, int]) -> np.nda
 def align(image: np.ndarray | Image.Image, eye_left, eye_right, mouth_left, mouth_right,
           landmarks: np.ndarray | None = None, size: int = 128) -> AlignedFace:
     """Crop the FFHQ square of a face to ``size`` x ``size``; carry ``landmarks`` (any K) along."""
-    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     quad = ffhq_quad(*(np.asarray(p, np.float64) for p in (eye_left, eye_right, mouth_left, mouth_right)))
+    return align_quad(image, quad, landmarks, size)
+
+
+def align_quad(image: np.ndarray | Image.Image, quad: np.ndarray, landmarks: np.ndarray | None = None,
+               size: int = 128) -> AlignedFace:
+    """Crop the oriented square ``quad`` (source corners: upper-left, lower-left, lower-right, upper-right) to
+    ``size`` x ``size``, padding FFHQ's way where it leaves the photo; carry ``landmarks`` along."""
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    quad = np.asarray(quad, np.float64)
     native = float(np.hypot(*(quad[3] - quad[0])))
     q = quad.copy()
     # shrink first when the square is much larger than the output (antialiasing, as FFHQ does)
@@ -121,6 +168,26 @@ def align(image: np.ndarray | Image.Image, eye_left, eye_right, mouth_left, mout
     out = Image.fromarray(img).transform((size, size), Image.QUAD, tuple((q + 0.0).flatten()), Image.BICUBIC)
     lm_out = None if landmarks is None else source_to_output(landmarks, quad, size)
     return AlignedFace(np.asarray(out), lm_out, native, quad, padded)
+
+
+def reframe(image: np.ndarray, landmarks: np.ndarray | None, shift: tuple[float, float], scale: float,
+            rotation: float, unit: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """An aligned face (S, S, 3) uint8 seen through a misplaced alignment square: the square moved by ``shift``
+    (x, y, in pixels of a ``unit``-px face: a 16x16 thumbnail's), ``scale`` times as large and turned by
+    ``rotation`` degrees about its centre, as a detector's square lands on a face.  Where the new square leaves the
+    face, the face is mirrored at its border.  ``landmarks`` (K, 2) follow."""
+    size = image.shape[0]
+    th = np.radians(rotation)
+    a = scale * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    c = np.array([size / 2, size / 2])
+    t = c - a @ c + np.asarray(shift, np.float64) * size / unit  # new-square edge coords -> face edge coords
+    pad = size // 2
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
+    coeffs = (a[0, 0], a[0, 1], t[0] + pad, a[1, 0], a[1, 1], t[1] + pad)
+    out = np.asarray(Image.fromarray(padded).transform((size, size), Image.AFFINE, coeffs, Image.BICUBIC))
+    lm = None if landmarks is None else \
+        np.linalg.solve(a, (np.asarray(landmarks, np.float64) + 0.5 - t).T).T - 0.5
+    return out, lm
 
 
 def face_mask(size: int = 128, feather: float = 0.12) -> np.ndarray:

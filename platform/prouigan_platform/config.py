@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -90,6 +91,31 @@ class DegradationConfig(_Section):
     jpeg_quality: int | None = Field(default=None, ge=1, le=100)  # JPEG round trip of the 16x16 input
 
 
+class AlignJitterConfig(_Section):
+    """Training faces seen through a misplaced alignment square, as a face detector places one on a photo (restore):
+    per face, a shift, a scale and a turn of the square drawn from normal distributions (cut at 3 sigma).  The
+    defaults of a recipe come from the detector's measured error (docs/restoring.md)."""
+    shift_mean: tuple[float, float] = (0.0, 0.0)  # x, y, in pixels of the 16x16 thumbnail
+    shift_std: tuple[float, float] = (0.0, 0.0)
+    scale_mean: float = Field(default=1.0, gt=0.5, lt=2.0)  # the square's side over the true one
+    scale_std: float = Field(default=0.0, ge=0.0, le=0.5)
+    rotation_std: float = Field(default=0.0, ge=0.0, le=45.0)  # degrees
+
+    @field_validator("shift_std")
+    @classmethod
+    def _nonnegative(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if min(v) < 0:
+            raise ValueError("standard deviations must be >= 0")
+        return v
+
+    def draw(self, rng) -> tuple[tuple[float, float], float, float]:
+        """(shift, scale, rotation) for one face."""
+        z = np.clip(rng.standard_normal(4), -3, 3)
+        shift = (self.shift_mean[0] + self.shift_std[0] * z[0], self.shift_mean[1] + self.shift_std[1] * z[1])
+        return shift, float(np.clip(self.scale_mean + self.scale_std * z[2], 0.5, 2.0)), \
+            float(self.rotation_std * z[3])
+
+
 class DataConfig(_Section):
     sources: list[SourceConfig] = [SourceConfig()]
     output: PathStr = Field(default=f"{STORE}/datasets/faces", validate_default=True)  # dataset root: path or s3://
@@ -111,6 +137,8 @@ class DataConfig(_Section):
     occlusion: OcclusionConfig = OcclusionConfig()
     degradation: DegradationConfig = DegradationConfig()
     heatmap_sigma: float = Field(default=1.5, gt=0.0)  # Gaussian sigma of landmark heatmaps, in 32x32 pixels
+    # training faces only: the alignment a detector gives (restore) instead of the annotation's exact one; null: off
+    align_jitter: AlignJitterConfig | None = None
 
     @field_validator("source_weights", "final_source_weights")
     @classmethod

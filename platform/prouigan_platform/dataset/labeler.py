@@ -61,6 +61,14 @@ def detect_faces(rgb: np.ndarray, upsample: int = 1) -> list[np.ndarray]:
             if isinstance(d, dlib.rectangle)]
 
 
+def detect_boxes(rgb: np.ndarray, upsample: int = 1) -> list[tuple[tuple[int, int, int, int], float]]:
+    """Every box dlib's HOG detector finds as ((left, top, right, bottom), score: the SVM's margin), largest first."""
+    img = np.ascontiguousarray(rgb, dtype=np.uint8)
+    dets, scores, _ = _detector().run(img, upsample, 0.0)
+    found = [((d.left(), d.top(), d.right(), d.bottom()), float(s)) for d, s in zip(dets, scores, strict=True)]
+    return sorted(found, key=lambda f: -(f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
+
+
 def label_faces(rgb: np.ndarray) -> list[dict]:
     """Every face in a photo as ``{"box": [l, t, r, b], "points": 68 x [x, y]}``, largest first.
 

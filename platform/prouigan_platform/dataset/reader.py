@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from prouigan.align import reframe
 from prouigan.degradation import degrade
 from prouigan.occlusion import seed_from_key, synthesize
 from prouigan_platform import storage
@@ -38,14 +39,20 @@ def _owner(key: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"reader:{key}".encode()).digest()[:4], "big") % n
 
 
-def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, augment: bool = True) -> dict:
+def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, augment: bool = True,
+                 jitter: bool = False) -> dict:
     """A shard sample (png + json bytes) -> tensors: lr (3,16,16), hr (3,128,128), mask (1,128,128),
     landmarks (68,2) face pixels (zeros when the source had none), has_landmarks, key.  ``augment=False``: the
-    clean face only (lr and mask zeros), for occlusion and degradation on the training device."""
-    hr = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), np.float32) / 255.0
+    clean face only (lr and mask zeros), for occlusion and degradation on the training device.  ``jitter``: the
+    face through a misplaced alignment square drawn from ``data.align_jitter`` (training faces)."""
+    img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
     meta = json.loads(sample["json"])
     lm = meta.get("landmarks68")
     lm_arr = np.asarray(lm, np.float32) if lm is not None else None
+    if jitter and data.align_jitter is not None:
+        img, moved = reframe(img, lm_arr, *data.align_jitter.draw(rng))
+        lm_arr = None if moved is None else moved.astype(np.float32)
+    hr = img.astype(np.float32) / 255.0
     mask = np.zeros(hr.shape[:2], np.float32)
     if not augment:
         lr = torch.zeros(3, hr.shape[0] // 8, hr.shape[1] // 8)
@@ -224,7 +231,8 @@ class FaceShards(torch.utils.data.IterableDataset):
         for s in samples:
             ex_rng = rng if self.train else np.random.default_rng(seed_from_key(s["__key__"]))
             try:
-                ex = make_example(s, ex_rng, self.data, augment=not (self.train and self.data.occlusion.on_device))
+                ex = make_example(s, ex_rng, self.data, augment=not (self.train and self.data.occlusion.on_device),
+                                  jitter=self.train and self.epochs is None)
             except Exception as e:
                 self.stats["bad_samples"] += 1
                 warnings.warn(f"skipping sample {s.get('__key__')}: {type(e).__name__}: {e}", RuntimeWarning,

@@ -1,0 +1,214 @@
+"""Finding faces in photos: YuNet (the ``yuface`` wheel, the default) or dlib's HOG detector (``--detector dlib``).
+
+YuNet (libfacedetection, BSD-3; its weights are compiled into the wheel, nothing is downloaded) finds faces from
+about 10 px wide and gives 5 points each.  It looks at a photo several times: whole (shrunk to at most
+``WHOLE_SIDE`` so large faces fit its receptive field), at its own size in overlapping tiles, and enlarged
+``upsample`` times in tiles (faces of 5-10 px become the 10-20 px it sees).  Boxes found more than once are merged
+by non-maximum suppression.  Where a face is small, its 5 points are measured again on a crop enlarged until the
+face is ``REFINE_SIDE`` px: YuNet's points are whole pixels, a quarter of an eye distance on a 16-px face.
+
+dlib's HOG detector (the optional ``eval`` extra) misses faces under ~40 px unless the photo is upsampled; its
+68 points give the 5 the same way the dataset's annotations do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from prouigan.align import five_points_from_68
+
+DETECTORS = ("yunet", "dlib")
+WHOLE_SIDE = 640  # the whole photo, shrunk to this long side, finds the large faces
+TILE = 640  # tiles of this side (at the pass's scale), overlapping by OVERLAP
+OVERLAP = 96  # the largest face a tile pass must see whole; larger ones are the whole-photo pass's
+REFINE_BELOW = 48  # faces narrower than this (px) get their points measured again, enlarged
+REFINE_SIDE = 96  # ... until the face's box is about this wide
+NMS_IOU = 0.4
+
+
+class DetectorMissing(RuntimeError):
+    """The detector's package is not installed (or has no wheel for this machine)."""
+
+
+@dataclass
+class Detection:
+    """One face found in a photo, in the photo's pixels."""
+
+    box: np.ndarray  # (4,) x0, y0, x1, y1
+    points5: np.ndarray  # (5, 2) prouigan.align.FIVE_POINTS order
+    score: float  # 0..1
+    detector: str
+    landmarks68: np.ndarray | None = field(default=None, repr=False)  # dlib only
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    def to_json(self) -> dict:
+        return {"box": [round(float(v), 1) for v in self.box], "points5": np.round(self.points5, 2).tolist(),
+                "score": round(self.score, 3), "detector": self.detector, "box_px": round(self.width, 1)}
+
+
+def _yuface():
+    try:
+        from yuface.yuface import detect
+    except ImportError as e:
+        raise DetectorMissing(f"the YuNet detector needs the 'yuface' package (pip install yuface; wheels for "
+                              f"x86-64 Linux and Windows); or use --detector dlib ({e})") from None
+    return detect
+
+
+def _yunet_raw(bgr: np.ndarray) -> np.ndarray:
+    """(N, 15) float: score 0..1, x, y, w, h, 5 x (x, y), in ``bgr``'s pixels.  yuface's ``detect`` wrapper names
+    its threshold ``conf`` (its README says ``conf_thresh``) and scores 0-100; the C function is called directly and
+    its 16th column (uninitialised memory) dropped."""
+    if min(bgr.shape[:2]) < 8:
+        return np.zeros((0, 15), np.float64)
+    r = np.asarray(_yuface()(np.ascontiguousarray(bgr, dtype=np.uint8)), np.float64).reshape(-1, 16)[:, :15]
+    r[:, 0] /= 100.0
+    return r
+
+
+def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1:
+        return rgb
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC if scale > 1 else Image.LANCZOS))
+
+
+def _tiles(n: int, tile: int, overlap: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, n - tile, step)) + [n - tile]
+    return sorted(set(starts))
+
+
+def _shift(r: np.ndarray, x: float, y: float) -> None:
+    """Move rows of _yunet_raw by (x, y): the box's corner and the 5 points (not its width and height)."""
+    r[:, [1, 5, 7, 9, 11, 13]] += x
+    r[:, [2, 6, 8, 10, 12, 14]] += y
+
+
+def _pass(rgb: np.ndarray, scale: float, tiled: bool) -> np.ndarray:
+    """Detections of one pass, in the photo's pixels: rows of _yunet_raw."""
+    img = _resize(rgb, scale)[:, :, ::-1]  # YuNet takes BGR
+    h, w = img.shape[:2]
+    ys, xs = (_tiles(h, TILE, OVERLAP), _tiles(w, TILE, OVERLAP)) if tiled else ([0], [0])
+    th, tw = (TILE, TILE) if tiled else (h, w)
+    rows = []
+    for y in ys:
+        for x in xs:
+            r = _yunet_raw(img[y:y + th, x:x + tw])
+            if len(r):
+                _shift(r, x, y)
+                rows.append(r)
+    if not rows:
+        return np.zeros((0, 15))
+    r = np.concatenate(rows)
+    # pixel centres: a value v at scale s is the photo's (v + 0.5) / s - 0.5; box corners are edges
+    r[:, 5:15] = (r[:, 5:15] + 0.5) / scale - 0.5
+    r[:, 1:5] /= scale
+    return r
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of box a (4,) against boxes b (N, 4), corners x0 y0 x1 y1."""
+    ix = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
+    inter = ix * iy
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, overlap: float = NMS_IOU) -> list[int]:
+    """Indices of the boxes kept: the best-scored of each group overlapping by more than ``overlap`` IoU."""
+    order = list(np.argsort(-scores, kind="stable"))
+    keep = []
+    while order:
+        i = order.pop(0)
+        keep.append(i)
+        if order:
+            o = np.array(order)
+            order = list(o[iou(boxes[i], boxes[o]) <= overlap])
+    return keep
+
+
+def _refine(rgb: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Measure a small face's 5 points again on a crop around it enlarged until the face is ~REFINE_SIDE wide;
+    the row as it was where the enlarged crop finds no face at that place."""
+    x, y, w, h = d[1:5]
+    scale = REFINE_SIDE / max(w, 1.0)
+    side = max(w, h) * 2.0
+    cx, cy = x + w / 2, y + h / 2
+    x0, y0 = int(np.floor(cx - side / 2)), int(np.floor(cy - side / 2))
+    x1, y1 = int(np.ceil(cx + side / 2)), int(np.ceil(cy + side / 2))
+    H, W = rgb.shape[:2]
+    crop = rgb[max(y0, 0):min(y1, H), max(x0, 0):min(x1, W)]
+    if crop.size == 0:
+        return d
+    r = _pass(crop, scale, tiled=False)
+    if not len(r):
+        return d
+    _shift(r, max(x0, 0), max(y0, 0))
+    box = np.array([x, y, x + w, y + h])
+    boxes = np.stack([r[:, 1], r[:, 2], r[:, 1] + r[:, 3], r[:, 2] + r[:, 4]], 1)
+    ious = iou(box, boxes)
+    best = int(np.argmax(ious))
+    if ious[best] < 0.5:
+        return d
+    out = d.copy()
+    out[5:15] = r[best, 5:15]
+    return out
+
+
+def detect_yunet(rgb: np.ndarray, threshold: float = 0.7, upsample: int = 3, refine: bool = True
+                 ) -> list[Detection]:
+    """Every face YuNet finds in ``rgb`` (H, W, 3) uint8 with a score of at least ``threshold``, largest first."""
+    h, w = rgb.shape[:2]
+    passes = []
+    if max(h, w) > WHOLE_SIDE:
+        passes.append(_pass(rgb, WHOLE_SIDE / max(h, w), tiled=False))
+    passes.append(_pass(rgb, 1, tiled=True))
+    if upsample > 1:
+        passes.append(_pass(rgb, upsample, tiled=True))
+    r = np.concatenate(passes)
+    r = r[r[:, 0] >= threshold]
+    if not len(r):
+        return []
+    boxes = np.stack([r[:, 1], r[:, 2], r[:, 1] + r[:, 3], r[:, 2] + r[:, 4]], 1)
+    r = r[nms(boxes, r[:, 0])]
+    if refine:
+        r = np.stack([_refine(rgb, d) if d[3] < REFINE_BELOW else d for d in r])
+    out = [Detection(np.array([d[1], d[2], d[1] + d[3], d[2] + d[4]]), d[5:15].reshape(5, 2), float(d[0]), "yunet")
+           for d in r]
+    return sorted(out, key=lambda d: -d.width)
+
+
+def detect_dlib(rgb: np.ndarray, upsample: int = 1) -> list[Detection]:
+    from prouigan_platform.dataset.labeler import DlibMissing, detect_boxes, landmarks_in_box
+
+    try:
+        boxes = detect_boxes(rgb, upsample)
+    except DlibMissing as e:
+        raise DetectorMissing(str(e)) from None
+    out = []
+    for box, score in boxes:
+        lm = landmarks_in_box(rgb, box)
+        out.append(Detection(np.asarray(box, np.float64), five_points_from_68(lm), score, "dlib", lm))
+    return out
+
+
+def detect(rgb: np.ndarray, detector: str = "yunet", upsample: int | None = None,
+           threshold: float | None = None) -> list[Detection]:
+    """The faces ``detector`` finds, largest first.  ``upsample``: YuNet's enlarged tile pass (default 3), dlib's
+    image pyramid steps (default 1); ``threshold``: YuNet's minimum score (default 0.7)."""
+    if detector == "yunet":
+        return detect_yunet(rgb, 0.7 if threshold is None else threshold, 3 if upsample is None else upsample)
+    if detector == "dlib":
+        return detect_dlib(rgb, 1 if upsample is None else upsample)
+    raise ValueError(f"unknown detector {detector!r}; known: {', '.join(DETECTORS)}")
