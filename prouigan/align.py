@@ -200,27 +200,36 @@ def face_mask(size: int = 128, feather: float = 0.12) -> np.ndarray:
     return np.clip((1.0 - r) / feather, 0.0, 1.0).astype(np.float32)
 
 
-def paste_back(photo: np.ndarray, face: np.ndarray, quad: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def paste_back(photo: np.ndarray, face: np.ndarray, quad: np.ndarray, mask: np.ndarray | None = None,
+               inplace: bool = False) -> np.ndarray:
     """Put an aligned ``face`` (S, S, 3) back into ``photo`` (H, W, 3) through the inverse of the alignment
-    ``quad``, blended with ``mask`` (``face_mask`` by default).  Pixels the mask does not reach are unchanged."""
+    ``quad``, blended with ``mask`` (``face_mask`` by default).  Pixels the mask does not reach are unchanged.
+    ``inplace``: write into ``photo`` (a large upscaled photo with many faces is then never copied)."""
     size = face.shape[0]
     mask = face_mask(size) if mask is None else mask
+    side = float(np.hypot(*(quad[3] - quad[0])))
+    if side < 0.75 * size:  # much smaller in the photo: shrink with antialiasing first (the warp itself has none)
+        small = max(1, int(np.ceil(side)))
+        face = np.asarray(Image.fromarray(face).resize((small, small), Image.LANCZOS))
+        mask = np.asarray(Image.fromarray(mask, mode="F").resize((small, small), Image.BILINEAR), np.float32)
+        size = small
     h, w = photo.shape[:2]
     lo = np.floor(quad.min(0)).astype(int) - 1
     hi = np.ceil(quad.max(0)).astype(int) + 1
     x0, y0, x1, y1 = max(lo[0], 0), max(lo[1], 0), min(hi[0], w), min(hi[1], h)
+    out = photo if inplace else photo.copy()
     if x1 <= x0 or y1 <= y0:
-        return photo.copy()
+        return out
     # PIL's affine maps output pixel-corner coordinates to input ones: face = A^-1 (photo - quad[0]) / (1 / size)
     a = np.stack([quad[3] - quad[0], quad[1] - quad[0]], 1) / size
     inv = np.linalg.inv(a)
     off = inv @ (np.array([x0, y0], np.float64) - quad[0])
     coeffs = (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1])
     box = (x1 - x0, y1 - y0)
-    warped = np.asarray(Image.fromarray(face).transform(box, Image.AFFINE, coeffs, Image.BILINEAR), np.float32)
+    resample = Image.BICUBIC if side > size else Image.BILINEAR
+    warped = np.asarray(Image.fromarray(face).transform(box, Image.AFFINE, coeffs, resample), np.float32)
     m = np.asarray(Image.fromarray(mask, mode="F").transform(box, Image.AFFINE, coeffs, Image.BILINEAR),
                    np.float32)[..., None]
-    out = photo.copy()
     region = out[y0:y1, x0:x1].astype(np.float32)
     blended = np.clip(region * (1 - m) + warped * m, 0, 255).round().astype(np.uint8)
     out[y0:y1, x0:x1] = np.where(m > 0, blended, out[y0:y1, x0:x1])

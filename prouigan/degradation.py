@@ -49,3 +49,16 @@ def degrade(hr: torch.Tensor, rng: np.random.Generator, noise_std: float = 0.0,
     if jpeg_quality is not None:
         lr = jpeg_roundtrip(lr, jpeg_quality)
     return lr
+
+
+def back_project(sr: torch.Tensor, observed: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Make a hallucinated face agree with what the photo shows of it (iterative back-projection, Irani & Peleg
+    1991): ``sr`` (B, 3, S, S) is corrected until, reduced to the observed face's size (antialiased bicubic, as
+    thumbnails are made), it matches ``observed`` (B, 3, s, s); the details the reduction cannot see are kept.
+    Where a face is larger than the model's 16x16 input, its own pixels then come back into the result."""
+    size = sr.shape[-2:]
+    x = sr.float()
+    for _ in range(steps):
+        low = F.interpolate(x, size=observed.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
+        x = x + F.interpolate(observed.float() - low, size=size, mode="bicubic", align_corners=False)
+    return x.clamp(0, 1)

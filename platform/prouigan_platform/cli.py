@@ -29,7 +29,7 @@ COMMANDS = {
     "tune": "search loss weights with Ray Tune + Optuna (TPE) + ASHA; every trial tracked in MLflow",
     "hallucinate": "16x16 thumbnails in a folder -> 128x128 faces (checkpoint, runs:/ or models:/ URI)",
     "evaluate": "score a model vs bicubic (fidelity, dlib alignment/identity, landmark regions); --promote: the gate",
-    "restore": "restore the faces in photos (dlib detector, align, hallucinate, paste back with a feathered mask)",
+    "restore": "find the faces of photos (tiny ones too), hallucinate them, paste them back into the photo upscaled",
     "retrain": "scheduled retraining: new faces -> new dataset version -> fine-tune -> evaluate -> gate",
 }
 
@@ -41,6 +41,22 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+MAX_UPSCALE = 8  # restore's largest upscale: the model's own 8x (prouigan_platform.restoring.MAX_UPSCALE, tested equal)
+
+
+def upscale_arg(text: str) -> int | str:
+    """restore's --upscale: ``auto`` or a whole number 1..MAX_UPSCALE."""
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number 1-{MAX_UPSCALE}, got {text!r}") from None
+    if not 1 <= v <= MAX_UPSCALE:
+        raise argparse.ArgumentTypeError(f"must be 1-{MAX_UPSCALE} (1: the photo's own size), got {v}")
     return v
 
 
@@ -130,11 +146,23 @@ def _restore(p) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--model", default="models:/prouigan@champion",
                    help="checkpoint, runs:/ID/model or models:/NAME@ALIAS (default models:/prouigan@champion)")
+    p.add_argument("--upscale", type=upscale_arg, default="auto",
+                   help=f"the output photo is N times larger, N = 1-{MAX_UPSCALE} (default auto: the median face's "
+                        "alignment square brought near the model's 128 px)")
+    p.add_argument("--background", choices=["bicubic", "lanczos"], default="bicubic",
+                   help="how the photo around the faces is upscaled (default bicubic)")
+    p.add_argument("--max-megapixels", type=float, default=64.0,
+                   help="refuse an output photo larger than this (default 64)")
+    p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet",
+                   help="yunet (default: faces from ~10 px wide, 5 points) or dlib (HOG + 68 points, the eval extra: "
+                        "faces from ~40 px)")
+    p.add_argument("--upsample", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="yunet: the enlargement of its small-face pass (default 3; 0 or 1: none); dlib: its image "
+                        "pyramid's upsamplings (default 1)")
+    p.add_argument("--threshold", type=float, default=None, help="yunet: the least score of a face (default 0.7)")
     p.add_argument("--thumbnail", type=Path, default=None,
                    help="a 16x16 face to use for the first (largest) face instead of the photo's own")
     p.add_argument("--faces", action="store_true", help="also write each face's thumbnail and result")
-    p.add_argument("--upsample", type=int, default=1, choices=[0, 1, 2, 3],
-                   help="detector upsampling (1: faces from ~40 px)")
     _device_arg(p, "cpu")
 
 

@@ -13,7 +13,11 @@ dlib's HOG detector (the optional ``eval`` extra) misses faces under ~40 px unle
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -27,6 +31,8 @@ OVERLAP = 96  # the largest face a tile pass must see whole; larger ones are the
 REFINE_BELOW = 48  # faces narrower than this (px) get their points measured again, enlarged
 REFINE_SIDE = 96  # ... until the face's box is about this wide
 NMS_IOU = 0.4
+DEFAULT_UPSAMPLE = {"yunet": 3, "dlib": 1}  # YuNet's enlarged pass; dlib's pyramid upsamplings
+DEFAULT_THRESHOLD = 0.7  # YuNet's least score: at 0.7 every other box it found on the 300-W photos was a face
 
 
 class DetectorMissing(RuntimeError):
@@ -52,13 +58,39 @@ class Detection:
                 "score": round(self.score, 3), "detector": self.detector, "box_px": round(self.width, 1)}
 
 
+@lru_cache(maxsize=1)
 def _yuface():
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # read once by the wheel's own OpenMP runtime as it loads (_one_thread)
     try:
         from yuface.yuface import detect
     except ImportError as e:
         raise DetectorMissing(f"the YuNet detector needs the 'yuface' package (pip install yuface; wheels for "
                               f"x86-64 Linux and Windows); or use --detector dlib ({e})") from None
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
     return detect
+
+
+@contextmanager
+def _one_thread():
+    """YuNet on one OpenMP thread.  With every core it ran 20-90x slower beside a training that held both cores (a
+    crowd photo: 187 s instead of 2 s): each parallel layer waits at a barrier for a thread the scheduler has put
+    aside.  Where torch is loaded its OpenMP runtime answers the wheel's calls (loaded first, its symbols win), so
+    torch's thread count is the one to set, for the detection's time."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _yunet_raw(bgr: np.ndarray) -> np.ndarray:
@@ -116,17 +148,23 @@ def _pass(rgb: np.ndarray, scale: float, tiled: bool) -> np.ndarray:
     return r
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of box a (4,) against boxes b (N, 4), corners x0 y0 x1 y1."""
+def _areas(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersection, area of a, areas of b) of box a (4,) and boxes b (N, 4), corners x0 y0 x1 y1."""
     ix = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
     iy = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = ix * iy
     area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+    return ix * iy, area(a), area(b)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, overlap: float = NMS_IOU) -> list[int]:
-    """Indices of the boxes kept: the best-scored of each group overlapping by more than ``overlap`` IoU."""
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of box a (4,) against boxes b (N, 4), corners x0 y0 x1 y1."""
+    inter, aa, ab = _areas(a, b)
+    return inter / np.maximum(aa + ab - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, overlap: float = NMS_IOU, nested: float = 0.7) -> list[int]:
+    """Indices of the boxes kept: the best-scored of each group overlapping by more than ``overlap`` IoU, or lying
+    ``nested`` or more inside one another (a face holds no smaller face: that is the same face found twice)."""
     order = list(np.argsort(-scores, kind="stable"))
     keep = []
     while order:
@@ -134,7 +172,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, overlap: float = NMS_IOU) -> list
         keep.append(i)
         if order:
             o = np.array(order)
-            order = list(o[iou(boxes[i], boxes[o]) <= overlap])
+            inter, ai, ao = _areas(boxes[i], boxes[o])
+            same = (inter / np.maximum(ai + ao - inter, 1e-9) > overlap) | \
+                (inter / np.maximum(np.minimum(ai, ao), 1e-9) >= nested)
+            order = list(o[~same])
     return keep
 
 
@@ -166,9 +207,7 @@ def _refine(rgb: np.ndarray, d: np.ndarray) -> np.ndarray:
     return out
 
 
-def detect_yunet(rgb: np.ndarray, threshold: float = 0.7, upsample: int = 3, refine: bool = True
-                 ) -> list[Detection]:
-    """Every face YuNet finds in ``rgb`` (H, W, 3) uint8 with a score of at least ``threshold``, largest first."""
+def _detect_rows(rgb: np.ndarray, threshold: float, upsample: int, refine: bool) -> np.ndarray:
     h, w = rgb.shape[:2]
     passes = []
     if max(h, w) > WHOLE_SIDE:
@@ -179,11 +218,19 @@ def detect_yunet(rgb: np.ndarray, threshold: float = 0.7, upsample: int = 3, ref
     r = np.concatenate(passes)
     r = r[r[:, 0] >= threshold]
     if not len(r):
-        return []
+        return r
     boxes = np.stack([r[:, 1], r[:, 2], r[:, 1] + r[:, 3], r[:, 2] + r[:, 4]], 1)
     r = r[nms(boxes, r[:, 0])]
     if refine:
         r = np.stack([_refine(rgb, d) if d[3] < REFINE_BELOW else d for d in r])
+    return r
+
+
+def detect_yunet(rgb: np.ndarray, threshold: float = 0.7, upsample: int = 3, refine: bool = True
+                 ) -> list[Detection]:
+    """Every face YuNet finds in ``rgb`` (H, W, 3) uint8 with a score of at least ``threshold``, largest first."""
+    with _one_thread():
+        r = _detect_rows(rgb, threshold, upsample, refine)
     out = [Detection(np.array([d[1], d[2], d[1] + d[3], d[2] + d[4]]), d[5:15].reshape(5, 2), float(d[0]), "yunet")
            for d in r]
     return sorted(out, key=lambda d: -d.width)
@@ -205,10 +252,11 @@ def detect_dlib(rgb: np.ndarray, upsample: int = 1) -> list[Detection]:
 
 def detect(rgb: np.ndarray, detector: str = "yunet", upsample: int | None = None,
            threshold: float | None = None) -> list[Detection]:
-    """The faces ``detector`` finds, largest first.  ``upsample``: YuNet's enlarged tile pass (default 3), dlib's
-    image pyramid steps (default 1); ``threshold``: YuNet's minimum score (default 0.7)."""
+    """The faces ``detector`` finds, largest first.  ``upsample``: YuNet's enlarged tile pass, dlib's image pyramid
+    steps (DEFAULT_UPSAMPLE); ``threshold``: YuNet's least score (DEFAULT_THRESHOLD)."""
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; known: {', '.join(DETECTORS)}")
+    up = DEFAULT_UPSAMPLE[detector] if upsample is None else upsample
     if detector == "yunet":
-        return detect_yunet(rgb, 0.7 if threshold is None else threshold, 3 if upsample is None else upsample)
-    if detector == "dlib":
-        return detect_dlib(rgb, 1 if upsample is None else upsample)
-    raise ValueError(f"unknown detector {detector!r}; known: {', '.join(DETECTORS)}")
+        return detect_yunet(rgb, DEFAULT_THRESHOLD if threshold is None else threshold, up)
+    return detect_dlib(rgb, up)

@@ -55,9 +55,18 @@ def git_commit() -> str:
 
 
 def experiment_id(name: str) -> str:
+    """The experiment's id, created when missing.  Two runs starting at once on a new server both find it missing;
+    the one whose create loses the race reads the winner's."""
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(name)) is None:
+            raise
+        return exp.experiment_id
 
 
 def log_config(run_id: str, config: Config) -> None:

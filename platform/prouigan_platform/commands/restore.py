@@ -1,31 +1,42 @@
-"""`prouigan restore PHOTO... -o DIR`: restore the faces in real photos.
+"""`prouigan restore PHOTO... -o DIR`: find the faces of real photos, tiny ones included, hallucinate them, and
+give the photo back larger.
 
-    prouigan restore photo1.jpg photo2.png -o restored/ --model models:/prouigan@champion
-    prouigan restore group.jpg -o restored/ --model ckpt/step_0002000 --thumbnail my_16x16_face.png
+    prouigan restore crowd.jpg -o restored/                        # YuNet; the upscale chosen from the faces
+    prouigan restore cctv.png -o restored/ --upscale 6 --background lanczos --faces
+    prouigan restore group.jpg -o restored/ --detector dlib --model ckpt/step_0002000
 
-Each face dlib's detector finds (the ``eval`` extra) is aligned to 128x128 by the dataset's FFHQ recipe, reduced
-to the 16x16 thumbnail the model was trained on (or, with --thumbnail, the first face uses the thumbnail you
-give), hallucinated, and pasted back through the inverse alignment with a feathered face mask; the rest of the
-photo is unchanged.  Output: DIR/<name>.png, the same size as the photo (PNG, so nothing outside the faces is
-re-encoded), and with --faces DIR/<name>_faces.png (thumbnail | result per face).  Photos whose outputs would
-share a name (a.jpg and a.png; a.jpg with --faces and a_faces.jpg) are refused rather than one overwriting the
-other.  Every file is written whole or not at all.
+Each face the detector finds (YuNet by default: faces from about 10 px wide; dlib's HOG with ``--detector dlib``)
+is aligned by its points, reduced to the 16x16 thumbnail the model was trained on (or, with --thumbnail, the first
+face uses the thumbnail you give), hallucinated to 128x128 and pasted back with a feathered mask into the photo
+upscaled ``--upscale`` times (``auto``: the median face's square brought near 128 px, up to x8).  The background
+is upscaled by ``--background`` (bicubic by default); a face not found keeps it.
+
+Output per photo: DIR/<name>.png (the restored photo; PNG, so nothing is re-encoded), DIR/<name>.json (every face
+found: box, five points, score, detector, size in px, restored or skipped and why; the upscale and why), and with
+--faces DIR/<name>_faces.png (thumbnail | result per face).  Every file is written whole or not at all, the
+image before its record; photos whose outputs would share a name are refused before anything is written, as is
+an output over --max-megapixels.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from prouigan_platform.dataset.labeler import DlibMissing, require_dlib
+from prouigan_platform.detection import DEFAULT_THRESHOLD, DEFAULT_UPSAMPLE, DetectorMissing, detect
 from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
-from prouigan_platform.restoring import restore_photo
-from prouigan_platform.storage import write_png
+from prouigan_platform.restoring import auto_upscale, faces_grid, faces_of, restore_photo
+from prouigan_platform.storage import write_bytes_atomic, write_png
+
+REACH = {"yunet": "faces under about 10 px wide (5 px between the eyes)",
+         "dlib": "faces under about 40 px wide (80 px with --upsample 1 ... 20 px with --upsample 2)"}
 
 
 def _thumbnail(path) -> np.ndarray:
@@ -39,9 +50,9 @@ def _thumbnail(path) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def outputs(path, faces: bool) -> list[str]:
+def outputs(path: Path, faces: bool) -> list[str]:
     """The file names a photo's restoration writes."""
-    return [f"{path.stem}.png"] + ([f"{path.stem}_faces.png"] if faces else [])
+    return [f"{path.stem}.png", f"{path.stem}.json"] + ([f"{path.stem}_faces.png"] if faces else [])
 
 
 def _check_outputs(args) -> None:
@@ -62,18 +73,69 @@ def _check_outputs(args) -> None:
                         "another folder", code=2)
 
 
+def _sizes(args) -> dict[Path, tuple[int, int] | None]:
+    """Each photo's size from its header (nothing decoded yet); None for an unreadable one.  With a fixed
+    --upscale, an output over the cap is refused here, before any photo is worked on."""
+    sizes = {}
+    for path in args.photos:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                    w, h = h, w  # EXIF-rotated a quarter turn: the photo as shown
+            sizes[path] = (w, h)
+        except Exception:
+            sizes[path] = None
+    cap = args.max_megapixels * 1e6
+    for path, size in sizes.items():
+        if size is None:
+            continue
+        n = 1 if args.upscale == "auto" else args.upscale
+        if size[0] * size[1] * n * n > cap:
+            what = f"x{n} makes it {size[0] * n}x{size[1] * n}" if n > 1 else "it is"
+            raise UserError(f"{path}: {size[0]}x{size[1]} px; {what}, {size[0] * size[1] * n * n / 1e6:.0f} "
+                            f"megapixels, over the {args.max_megapixels:g}-megapixel cap (--max-megapixels); "
+                            "nothing written", code=2)
+    return sizes
+
+
+def _record(path: Path, args, rgb: np.ndarray, faces, upscale: int, why: str) -> dict:
+    restored = sum(f.status == "restored" for f in faces)
+    h, w = rgb.shape[:2]
+    return {
+        "photo": str(path), "output": f"{path.stem}.png", "model": args.model,
+        "input_size": [w, h], "output_size": [w * upscale, h * upscale],
+        "upscale": upscale, "upscale_why": why, "background": args.background,
+        "detector": {"name": args.detector, "upsample": args.upsample, "threshold": args.threshold,
+                     "not_found": f"{REACH[args.detector]} are beyond its reach: not found, they keep the upscaled "
+                                  "background"},
+        "faces_found": len(faces), "faces_restored": restored, "faces_skipped": len(faces) - restored,
+        "faces": [{"index": i, **f.to_json(upscale)} for i, f in enumerate(faces)],
+    }
+
+
+def _load(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
 def run(args) -> int:
     missing = [str(p) for p in args.photos if not p.is_file()]
     if missing:
-        raise UserError(f"not found: {', '.join(missing)}")
+        raise UserError(f"not found (or not a regular file): {', '.join(missing)}")
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder")
     _check_outputs(args)
+    if args.threshold is not None and args.detector != "yunet":
+        raise UserError("--threshold is YuNet's least score; dlib's detector takes none", code=2)
+    args.upsample = DEFAULT_UPSAMPLE[args.detector] if args.upsample is None else args.upsample
+    args.threshold = DEFAULT_THRESHOLD if args.threshold is None and args.detector == "yunet" else args.threshold
+    sizes = _sizes(args)
     device = resolve_device(args.device)
     thumb = _thumbnail(args.thumbnail) if args.thumbnail is not None else None
     try:
-        require_dlib()
-    except DlibMissing as e:
+        detect(np.zeros((32, 32, 3), np.uint8), args.detector)  # the detector's package is there (or one line)
+    except DetectorMissing as e:
         raise UserError(str(e)) from None
     model = resolve_model(args.model, device)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -81,29 +143,45 @@ def run(args) -> int:
     progress = Progress("restore", len(args.photos), "photos", every=10)
     for path in args.photos:
         try:
-            rgb = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+            if sizes[path] is None:
+                raise ValueError("its header is not an image's")
+            rgb = _load(path)
         except Exception as e:
             unreadable.append(path)
             print(f"prouigan restore: {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
             progress.update()
             continue
-        photo, faces = restore_photo(rgb, model, thumb if done == 0 else None, args.upsample)
+        faces = faces_of(rgb, detect(rgb, args.detector, args.upsample, args.threshold))
         if not faces:
             no_face.append(path)
-            print(f"prouigan restore: {path}: no face found by dlib's detector (try --upsample 2 for small faces); "
-                  "nothing written", file=sys.stderr)
+            print(f"prouigan restore: {path}: no face found by {args.detector} ({REACH[args.detector]} are beyond "
+                  "its reach); nothing written", file=sys.stderr)
             progress.update()
             continue
+        h, w = rgb.shape[:2]
+        if args.upscale == "auto":
+            upscale, why = auto_upscale(faces, args.max_megapixels * 1e6, w, h)
+        else:
+            upscale, why = args.upscale, "--upscale"
+        photo = restore_photo(rgb, model, faces, upscale, args.background, thumb if done == 0 else None)
         names = outputs(path, args.faces)
         write_png(args.output / names[0], photo)
-        if args.faces:
-            strip = np.concatenate([np.concatenate([np.asarray(Image.fromarray(t).resize((128, 128), Image.NEAREST)),
-                                                    f], 1) for t, f in faces], 0)
-            write_png(args.output / names[1], strip)
+        if args.faces and any(f.output is not None for f in faces):
+            write_png(args.output / names[2], faces_grid(faces))
+        record = _record(path, args, rgb, faces, upscale, why)
+        write_bytes_atomic(str(args.output / names[1]), (json.dumps(record, indent=1) + "\n").encode())
         done += 1
-        print(f"restore: {path} -> {args.output / (path.stem + '.png')} ({len(faces)} face(s))")
+        skipped = record["faces_skipped"]
+        print(f"restore: {path} -> {args.output / names[0]} ({w}x{h} -> {w * upscale}x{h * upscale}, x{upscale}: "
+              f"{why}); {record['faces_restored']} face(s) restored" + (f", {skipped} skipped" if skipped else "")
+              + f" (sizes {_size_range(faces)}); record {names[1]}")
         progress.update()
     extra = (f"; no face in {len(no_face)}" if no_face else "") + (
         f"; {len(unreadable)} unreadable" if unreadable else "")
     print(f"restored {done} of {len(args.photos)} photo(s) into {args.output}{extra}")
     return 0 if done else 1
+
+
+def _size_range(faces) -> str:
+    s = sorted(f.square for f in faces)
+    return f"{s[0]:.0f} px" if len(s) == 1 else f"{s[0]:.0f}-{s[-1]:.0f} px squares"
