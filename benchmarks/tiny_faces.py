@@ -190,10 +190,9 @@ def cmd_restore(args) -> int:
     torch.set_num_threads(args.threads)
     models = dict(m.split("=", 1) for m in args.model)
     nets = {name: resolve_model(uri) for name, uri in models.items()}
-    held_out = faces(args.faces, {"val", "test"})[: args.limit]
-    bp = args.back_projection
-    print(f"{len(held_out)} val/test 300-W faces (square >= 128 px natively); detector {args.detector}; models: "
-          + ", ".join(f"{k}={v}" for k, v in models.items()) + f"; back-projection {bp} steps", flush=True)
+    held_out = faces(args.faces, set(args.splits))[: args.limit]
+    print(f"{len(held_out)} 300-W faces (square >= 128 px natively); detector {args.detector}; models: "
+          + ", ".join(f"{k}={v}" for k, v in models.items()) + f"; splits {', '.join(args.splits)}", flush=True)
     mask = torch.from_numpy(face_mask(128))[None, None]
     results = {}
     for factor in args.factors:
@@ -212,11 +211,9 @@ def cmd_restore(args) -> int:
             if d is not None:
                 found += 1
                 for name, net in nets.items():
-                    for steps in sorted({0, bp}):
-                        faces_ = faces_of(small, dets)
-                        out = restore_photo(small, net, faces_, factor, back_projection=steps)
-                        label = f"{name} (restore{', back-projected' if steps else ''})"
-                        crops[label] = align_quad(out, gt_out).image
+                    for pixels in (False, True):
+                        out = restore_photo(small, net, faces_of(small, dets), factor, photo_pixels=pixels)
+                        crops[f"{name} (restore{'' if pixels else ', thumbnail only'})"] = align_quad(out, gt_out).image
             ref = _tensor([original])
             for label, img in crops.items():
                 x = _tensor([img])
@@ -263,7 +260,7 @@ def main(argv=None) -> int:
                                                                     "repeat to compare")
     rs.add_argument("--detector", default="yunet")
     rs.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
-    rs.add_argument("--back-projection", type=int, default=5, help="also score restore with this many steps (0: no)")
+    rs.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     rs.add_argument("--dlib", action="store_true", help="also the dlib identity distance (the eval extra)")
     rs.add_argument("--limit", type=int, default=None, help="the first N faces only")
     rs.add_argument("--threads", type=int, default=2)

@@ -133,10 +133,15 @@ class ProUIGANGenerator(nn.Module):
             hm = self.external_prior(img)
         return F.interpolate(hm, size=img.shape[-2:], mode="bilinear", align_corners=False)
 
-    def forward(self, lr: torch.Tensor) -> GeneratorOutput:
+    def forward(self, lr: torch.Tensor, observed: torch.Tensor | None = None) -> GeneratorOutput:
+        """``observed`` (B, 3, R, R), R = 32 or 64: the face as a photo shows it at that size, which the stage
+        starting from R takes instead of the previous stage's estimate (restoring a face larger than 16 px: what
+        the photo holds beyond the thumbnail is not thrown away); the features still flow from the thumbnail."""
         img, carried = lr, None  # (B, 3, 16, 16)
         images, maps = [], []
         for stage in self.stages:
+            if observed is not None and img.shape[-1] == observed.shape[-1]:
+                img = observed.to(img.dtype)
             img, hm, carried = stage(img, carried, self._external(img))
             images.append(img)
             if hm is not None:

@@ -54,10 +54,12 @@ class Hallucinator:
         return lr.float()
 
     @torch.inference_mode()
-    def run(self, lr, batch_size: int = 64) -> GeneratorOutput:
-        """Every stage's images (clamped to [0, 1]) and heatmaps, on CPU."""
+    def run(self, lr, batch_size: int = 64, observed: torch.Tensor | None = None) -> GeneratorOutput:
+        """Every stage's images (clamped to [0, 1]) and heatmaps, on CPU.  ``observed``: see
+        ``ProUIGANGenerator.forward``."""
         x = self.to_tensor(lr)
-        outs = [self.generator(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)]
+        obs = lambda i: None if observed is None else observed[i:i + batch_size].to(self.device)  # noqa: E731
+        outs = [self.generator(x[i:i + batch_size].to(self.device), obs(i)) for i in range(0, len(x), batch_size)]
         images = [torch.cat([o.images[s] for o in outs]).clamp(0, 1).cpu() for s in range(3)]
         maps = [torch.cat([o.heatmaps[s] for o in outs]).float().cpu() for s in range(len(outs[0].heatmaps))]
         return GeneratorOutput(images, maps)

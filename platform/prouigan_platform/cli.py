@@ -163,6 +163,10 @@ def _restore(p) -> None:
     p.add_argument("--thumbnail", type=Path, default=None,
                    help="a 16x16 face to use for the first (largest) face instead of the photo's own")
     p.add_argument("--faces", action="store_true", help="also write each face's thumbnail and result")
+    p.add_argument("--thumbnail-only", action="store_true",
+                   help="hallucinate each face from its 16x16 thumbnail alone, as the model was trained (default: a "
+                        "face larger than 16 px also brings its own pixels: at the model's 32- or 64-px stage, "
+                        "then by back-projection)")
     _device_arg(p, "cpu")
 
 

@@ -100,6 +100,7 @@ class AlignJitterConfig(_Section):
     scale_mean: float = Field(default=1.0, gt=0.5, lt=2.0)  # the square's side over the true one
     scale_std: float = Field(default=0.0, ge=0.0, le=0.5)
     rotation_std: float = Field(default=0.0, ge=0.0, le=45.0)  # degrees
+    probability: float = Field(default=1.0, ge=0.0, le=1.0)  # the share of training faces misplaced; the rest exact
 
     @field_validator("shift_std")
     @classmethod
@@ -108,9 +109,11 @@ class AlignJitterConfig(_Section):
             raise ValueError("standard deviations must be >= 0")
         return v
 
-    def draw(self, rng) -> tuple[tuple[float, float], float, float]:
-        """(shift, scale, rotation) for one face."""
+    def draw(self, rng) -> tuple[tuple[float, float], float, float] | None:
+        """(shift, scale, rotation) for one face; None: this face keeps its exact alignment."""
         z = np.clip(rng.standard_normal(4), -3, 3)
+        if rng.random() >= self.probability:
+            return None
         shift = (self.shift_mean[0] + self.shift_std[0] * z[0], self.shift_mean[1] + self.shift_std[1] * z[1])
         return shift, float(np.clip(self.scale_mean + self.scale_std * z[2], 0.5, 2.0)), \
             float(self.rotation_std * z[3])

@@ -23,6 +23,11 @@ MODEL_OUTPUT = 128  # the side of the model's faces: auto upscale brings the typ
 MAX_UPSCALE = SCALE  # the model's own 8x: beyond it the faces would be upsampled again
 BACKGROUNDS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 MIN_INSIDE = 0.5  # a face whose alignment square lies less than this much inside the photo is skipped
+# a face larger than the thumbnail enters the model with its own pixels at the stage whose input it fills to this
+# fraction or more, and is back-projected onto them in this many steps (both chosen on the 300-W val faces,
+# BENCHMARKS.md "Tiny faces")
+ENTRY_FRACTION = 0.6
+BACK_PROJECTION = 5
 
 
 @dataclass
@@ -105,36 +110,62 @@ def upscale_photo(rgb: np.ndarray, upscale: int, background: str = "bicubic") ->
     return np.array(Image.fromarray(rgb).resize((w * upscale, h * upscale), BACKGROUNDS[background]))  # writable
 
 
+def entry_size(square: float) -> int | None:
+    """The model stage a face of ``square`` px enters at with its own pixels: 64 or 32 once the photo shows it at
+    ENTRY_FRACTION of that size or more (a 21-px face enters at 32), else None (the thumbnail alone)."""
+    for size in (64, 32):
+        if square >= ENTRY_FRACTION * size:
+            return size
+    return None
+
+
+def hallucinate(rgb: np.ndarray, model, faces: list[Face], thumbs: np.ndarray, photo_pixels: bool = True,
+                back_projection: int = BACK_PROJECTION) -> np.ndarray:
+    """(N, 128, 128, 3) uint8, one face per thumbnail.  ``photo_pixels``: a face larger than the thumbnail also
+    enters the model at its larger stage with its own pixels (``entry_size``), and every result is then corrected
+    to agree with the photo at the face's own resolution (``back_project``, ``back_projection`` steps); off: the
+    thumbnail alone, as the model was trained."""
+    out = np.zeros((len(faces), MODEL_OUTPUT, MODEL_OUTPUT, 3), np.uint8)
+    entries = [entry_size(f.square) if photo_pixels else None for f in faces]
+    for size in sorted(set(entries), key=lambda e: e or 0):
+        idx = [i for i, e in enumerate(entries) if e == size]
+        seen = None if size is None else _tensor([align_quad(rgb, faces[i].quad, size=size).image for i in idx])
+        res = model.run(thumbs[idx], observed=seen).final
+        if photo_pixels and back_projection:
+            res = torch.cat([back_project(res[k:k + 1], _observed(rgb, faces[i]), back_projection)
+                             for k, i in enumerate(idx)])
+        out[idx] = (res.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return out
+
+
+def _tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def _observed(rgb: np.ndarray, face: Face) -> torch.Tensor:
+    """(1, 3, s, s): the face as the photo shows it, at its own resolution (s = its square, at most 128)."""
+    side = int(np.clip(round(face.square), 4, MODEL_OUTPUT))
+    return _tensor([align_quad(rgb, face.quad, size=side).image])
+
+
 def restore_photo(rgb: np.ndarray, model, faces: list[Face], upscale: int = 1, background: str = "bicubic",
-                  thumbnail: np.ndarray | None = None, back_projection: int = 0) -> np.ndarray:
-    """The photo upscaled ``upscale`` times by ``background``, every face marked restored hallucinated and pasted
-    back at the output's resolution (``thumbnail`` replaces the first restored face's own).  ``back_projection``:
-    steps of ``agree_with_photo`` (0: the model's face as it is).  Fills each face's ``thumbnail`` and ``output``."""
+                  thumbnail: np.ndarray | None = None, photo_pixels: bool = True) -> np.ndarray:
+    """The photo upscaled ``upscale`` times by ``background``, every face marked restored hallucinated
+    (``hallucinate``) and pasted back at the output's resolution.  ``thumbnail`` replaces the first restored face's
+    own (which then comes from it alone).  Fills each face's ``thumbnail`` and ``output``."""
     out = upscale_photo(rgb, upscale, background)
     todo = [f for f in faces if f.status == "restored"]
     if not todo:
         return out
     thumbs = thumbnails(rgb, todo)
+    results = hallucinate(rgb, model, todo, thumbs, photo_pixels)
     if thumbnail is not None:
         thumbs[0] = thumbnail
-    results = model.to_uint8(thumbs)
-    for i, (f, t, r) in enumerate(zip(todo, thumbs, results, strict=True)):
-        if back_projection and not (i == 0 and thumbnail is not None):
-            r = agree_with_photo(rgb, f, r, back_projection)
+        results[0] = model.to_uint8(thumbnail[None])[0]
+    for f, t, r in zip(todo, thumbs, results, strict=True):
         f.thumbnail, f.output = t, r
         paste_back(out, r, f.quad * upscale, inplace=True)  # the square's corners are pixel edges: they scale
     return out
-
-
-def agree_with_photo(rgb: np.ndarray, face: Face, result: np.ndarray, steps: int) -> np.ndarray:
-    """The hallucinated face corrected to agree with the photo's own pixels of it (``back_project``) at their own
-    resolution: a 30-px face gives back what its 30 px show and the model's details beyond them; a face of
-    128 px or more comes back as itself."""
-    side = int(np.clip(round(face.square), 4, MODEL_OUTPUT))
-    seen = torch.from_numpy(align_quad(rgb, face.quad, size=side).image).permute(2, 0, 1)[None].float() / 255
-    sr = torch.from_numpy(result).permute(2, 0, 1)[None].float() / 255
-    x = back_project(sr, seen, steps)
-    return (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def faces_grid(faces: list[Face], per_row: int = 6) -> np.ndarray:

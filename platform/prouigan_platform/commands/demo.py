@@ -3,6 +3,7 @@
     stack up -> shard the 300-W faces and 2,000 CelebA photos (dlib labels the CelebA ones inside the Ray Data
     tasks) -> train cpu-small for 4 minutes on 2 Ray Train workers -> register it (@challenger) -> score it and
     bicubic on the val faces -> outputs/demo/compare.png (16x16 input | bicubic | model | original, 8 faces)
+    -> restore a crowd photo with tiny faces -> outputs/demo/crowd.png (bicubic | restored, the same upscale)
 
 Real faces from ../shared when it exists; procedural ones otherwise (it says so: cartoons, not data).
 """
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from prouigan.degradation import upsample_bicubic
@@ -74,6 +76,10 @@ def run(args=None) -> int:
                                                            "--output", str(OUT / "evaluate"), *overrides])
     metrics = json.loads((OUT / "evaluate" / "metrics.json").read_text())["methods"]
     grid = compare_picture(overrides, model, OUT / "compare.png")
+    crowd = crowd_photo(which)
+    _step("restore a crowd photo's tiny faces, upscaled", ["restore", str(crowd), "-o", str(OUT / "restore"),
+                                                           "--model", model])
+    crowd_pic = before_after(crowd, OUT / "restore", OUT / "crowd.png")
     _step("stack status", ["platform", "status"])
     m, b = metrics["model"], metrics["bicubic"]
     beats = m["psnr"] > b["psnr"] and m["psnr_occluded"] > b["psnr_occluded"]
@@ -84,6 +90,7 @@ def run(args=None) -> int:
           f"\n  SSIM           {m['ssim']:8.3f} {b['ssim']:8.3f}"
           f"\n  -> the model {'beats' if beats else 'does NOT beat'} bicubic on PSNR and occluded-region PSNR"
           f"\n  picture        {grid}  (16x16 input | bicubic | model | original)"
+          f"\n  crowd          {crowd_pic}  (bicubic | restored, {crowd.name} upscaled)"
           f"\n  model          {model}  (report: {OUT / 'evaluate' / 'report.md'})"
           "\nStop the stack with `prouigan platform down` (data stays in .platform/).")
     return 0 if beats else 1
@@ -97,4 +104,52 @@ def compare_picture(overrides: list[str], model: str, path: Path, n: int = 8) ->
     out = resolve_model(model).run(data.lr).final
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(comparison_grid(data.lr, [upsample_bicubic(data.lr), out], data.hr)).save(path)
+    return path
+
+
+CROWD = "0_Parade_marchingband_1_60.jpg"  # WIDER FACE: ~100 faces of 10-40 px (research use: never committed)
+
+
+def crowd_photo(which: str) -> Path:
+    """The crowd photo to restore: a WIDER FACE one from ../shared/crowds with real faces, else procedural faces
+    of 16-40 px on a background (written to outputs/demo/)."""
+    real = SHARED / "crowds" / CROWD
+    if real.is_file() and not which.startswith("SYNTHETIC"):
+        return real
+    from prouigan.synthetic import synthetic_crowd
+
+    rng = np.random.default_rng(7)
+    img, _ = synthetic_crowd([int(s) for s in rng.integers(16, 41, 24)], seed=7, size=(330, 180))
+    path = OUT / "synthetic_crowd.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def before_after(photo: Path, out_dir: Path, path: Path, width: int = 720, height: int = 400) -> Path:
+    """bicubic | restored, side by side: the window of the output (``width`` x ``height`` output px) that holds
+    the most restored faces."""
+    from prouigan_platform.restoring import upscale_photo
+
+    record = json.loads((out_dir / f"{photo.stem}.json").read_text())
+    n = record["upscale"]
+    restored = np.asarray(Image.open(out_dir / record["output"]).convert("RGB"))
+    with Image.open(photo) as im:
+        bicubic = upscale_photo(np.asarray(im.convert("RGB")), n, record["background"])
+    h, w = restored.shape[:2]
+    width, height = min(width, w), min(height, h)
+    centres = np.array([[(f["box"][0] + f["box"][2]) / 2 * n, (f["box"][1] + f["box"][3]) / 2 * n]
+                        for f in record["faces"] if f["status"] == "restored"])
+    best, corner = -1, (0, 0)
+    for cx, cy in centres:
+        x0 = int(np.clip(cx - width / 2, 0, w - width))
+        y0 = int(np.clip(cy - height / 2, 0, h - height))
+        inside = ((centres[:, 0] >= x0) & (centres[:, 0] < x0 + width) & (centres[:, 1] >= y0)
+                  & (centres[:, 1] < y0 + height)).sum()
+        if inside > best:
+            best, corner = inside, (x0, y0)
+    x0, y0 = corner
+    gap = np.full((height, 8, 3), 255, np.uint8)
+    pair = np.concatenate([bicubic[y0:y0 + height, x0:x0 + width], gap, restored[y0:y0 + height, x0:x0 + width]], 1)
+    Image.fromarray(pair).save(path)
     return path

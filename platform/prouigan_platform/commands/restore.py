@@ -106,6 +106,8 @@ def _record(path: Path, args, rgb: np.ndarray, faces, upscale: int, why: str) ->
         "photo": str(path), "output": f"{path.stem}.png", "model": args.model,
         "input_size": [w, h], "output_size": [w * upscale, h * upscale],
         "upscale": upscale, "upscale_why": why, "background": args.background,
+        "from": "the 16x16 thumbnail alone" if args.thumbnail_only else
+                "the 16x16 thumbnail, and a face's own pixels where it is larger (model stage, back-projection)",
         "detector": {"name": args.detector, "upsample": args.upsample, "threshold": args.threshold,
                      "not_found": f"{REACH[args.detector]} are beyond its reach: not found, they keep the upscaled "
                                   "background"},
@@ -163,7 +165,8 @@ def run(args) -> int:
             upscale, why = auto_upscale(faces, args.max_megapixels * 1e6, w, h)
         else:
             upscale, why = args.upscale, "--upscale"
-        photo = restore_photo(rgb, model, faces, upscale, args.background, thumb if done == 0 else None)
+        photo = restore_photo(rgb, model, faces, upscale, args.background, thumb if done == 0 else None,
+                              photo_pixels=not args.thumbnail_only)
         names = outputs(path, args.faces)
         write_png(args.output / names[0], photo)
         if args.faces and any(f.output is not None for f in faces):

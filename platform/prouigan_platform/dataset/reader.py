@@ -49,8 +49,9 @@ def make_example(sample: dict, rng: np.random.Generator, data: DataConfig, augme
     meta = json.loads(sample["json"])
     lm = meta.get("landmarks68")
     lm_arr = np.asarray(lm, np.float32) if lm is not None else None
-    if jitter and data.align_jitter is not None:
-        img, moved = reframe(img, lm_arr, *data.align_jitter.draw(rng))
+    misplaced = data.align_jitter.draw(rng) if jitter and data.align_jitter is not None else None
+    if misplaced is not None:
+        img, moved = reframe(img, lm_arr, *misplaced)
         lm_arr = None if moved is None else moved.astype(np.float32)
     hr = img.astype(np.float32) / 255.0
     mask = np.zeros(hr.shape[:2], np.float32)
