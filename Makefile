@@ -25,9 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not inductor and not cluster" $(PYTEST_ARGS)
 
-# pure unit tests: nothing started (no stack, no Ray, no MLflow server), under 2 minutes on 2 cores
+# pure unit tests: nothing started (no stack, no Ray, no MLflow server, no end-to-end command), under 2 minutes on 2 cores
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not stack and not slow and not inductor and not cluster" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not stack and not cli and not slow and not inductor and not cluster" $(PYTEST_ARGS)
 
 # a real 2-node Ray cluster on 127.0.0.1: a training job through the Jobs API, then a node stopped mid-run
 cluster-test: $(STAMP)

@@ -4,17 +4,19 @@ square 32, 21 and 16 px).  Faces under 128 px natively are left out (their "orig
 
     python benchmarks/tiny_faces.py template             # TEMPLATE_5: the five points of the 68-point alignment
     python benchmarks/tiny_faces.py alignment            # detection recall, and where the detector's square lands
-    python benchmarks/tiny_faces.py restore --model exact=CKPT --model jitter=CKPT [--dlib]
+    python benchmarks/tiny_faces.py restore --model exact=CKPT --model jitter=CKPT [--dlib] [--splits test]
 
 ``alignment`` measures, at each factor, the share of faces the detector finds (a box with IoU >= 0.3 with the
 box of the 68 ground-truth points) and, for each found face, how its alignment square (five points fitted to
 TEMPLATE_5) sits in the ground truth's, in pixels of the 16x16 thumbnail: shift, scale, rotation; then the
 normal fit of those errors over all factors, which is what ``data.align_jitter`` of the recipes holds.
 
-``restore`` runs `prouigan restore`'s own code on each shrunk photo with ``--upscale`` equal to the factor, and
-scores each found face (cut from the output by the ground-truth square, 128x128) against the original, beside
-bicubic upscaling of the whole photo and an oracle: the model on the thumbnail of the ground-truth square, made
-the way training makes it.  PSNR / SSIM over the square, and with ``--dlib`` the dlib identity distance.
+``restore`` runs `prouigan restore`'s own code on each shrunk photo with ``--upscale`` equal to the factor, with
+the face's own pixels (the default) and from the thumbnail alone (``--thumbnail-only``), and scores each found
+face, cut from the output by the ground-truth square (128x128), against the original, beside bicubic upscaling of
+the whole photo and an oracle: the model on the thumbnail of the ground-truth square, made the way training
+makes it.  PSNR / SSIM over the square and PSNR inside restore's face mask; with ``--dlib`` the dlib identity
+distance (and the share under its 0.6 match threshold).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from prouigan.align import (  # noqa: E402
     ffhq_quad,
     five_points_from_68,
     keypoints_from_68,
-    quad_from_points,
     similarity_fit,
     source_to_output,
 )
@@ -121,42 +122,49 @@ def cmd_template(args) -> int:
 
 def cmd_alignment(args) -> int:
     from prouigan_platform.detection import detect
+    from prouigan_platform.restoring import face_quad
 
     held_out = faces(args.faces, {"val", "test"})
-    print(f"{len(held_out)} val/test 300-W faces (square >= 128 px natively); detector {args.detector}")
+    print(f"{len(held_out)} val/test 300-W faces (square >= 128 px natively); detector {args.detector}, landmarks "
+          f"{args.landmarks}"
+          + (f", upsample {args.upsample}" if args.upsample is not None else ""))
     pooled = []
     print("| factor (square) | found | recall | other faces found | shift x | shift y | scale | rotation (deg) | "
           "corner error | s/photo |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    square = np.array([[0, 0], [0, 16], [16, 16], [16, 0]], np.float64)
     for factor in args.factors:
         found, others, errs, t0 = 0, 0, [], time.perf_counter()
         for f in held_out:
             _, lm_big, small, lm = scaled(f, factor)
-            dets = detect(small, args.detector)
+            dets = detect(small, args.detector, args.upsample, landmarks=args.landmarks)
             d = match(dets, lm)
             others += len(dets) - (d is not None)
             if d is None:
                 continue
             found += 1
             gt = ffhq_quad(*keypoints_from_68(lm))
-            quad = quad_from_points(d.points5)
-            e = frame_error(gt, quad)
+            quad = face_quad(d)
             corners = np.linalg.solve(np.stack([gt[3] - gt[0], gt[1] - gt[0]], 1) / 16, (quad - gt[0]).T).T
-            errs.append((*e, float(np.sqrt(((corners - [[0, 0], [0, 16], [16, 16], [16, 0]]) ** 2).sum(1).mean()))))
+            errs.append((*frame_error(gt, quad), float(np.sqrt(((corners - square) ** 2).sum(1).mean()))))
+        rate = (time.perf_counter() - t0) / len(held_out)
+        head = f"| x{factor} ({128 // factor} px) | {found}/{len(held_out)} | {found / len(held_out):.1%} | {others} "
+        if not errs:
+            print(head + "| – | – | – | – | – | " + f"{rate:.2f} |")
+            continue
         e = np.array(errs)
         pooled.append(e[:, :4])
-        rate = (time.perf_counter() - t0) / len(held_out)
         ms = lambda c, e=e: f"{e[:, c].mean():+.2f} ± {e[:, c].std():.2f}"  # noqa: E731
-        print(f"| x{factor} ({128 // factor} px) | {found}/{len(held_out)} | {found / len(held_out):.1%} | {others} "
-              f"| {ms(0)} | {ms(1)} | {e[:, 2].mean():.3f} ± {e[:, 2].std():.3f} | {ms(3)} | "
+        print(head + f"| {ms(0)} | {ms(1)} | {e[:, 2].mean():.3f} ± {e[:, 2].std():.3f} | {ms(3)} | "
               f"{e[:, 4].mean():.2f} px | {rate:.2f} |")
-    p = np.concatenate(pooled)
     print("\nshift, scale, rotation: mean ± std over the found faces, in pixels of the 16x16 thumbnail; corner error: "
           "the mean distance of the found square's corners from the true ones (16-px units)")
-    print("\nthe normal fit over all factors (data.align_jitter):")
-    print(f"  align_jitter: {{shift_mean: [{p[:, 0].mean():.2f}, {p[:, 1].mean():.2f}], shift_std: "
-          f"[{p[:, 0].std():.2f}, {p[:, 1].std():.2f}], scale_mean: {p[:, 2].mean():.3f}, scale_std: "
-          f"{p[:, 2].std():.3f}, rotation_std: {np.sqrt((p[:, 3] ** 2).mean()):.1f}}}")
+    if pooled:
+        p = np.concatenate(pooled)
+        print("\nthe normal fit over all factors (data.align_jitter):")
+        print(f"  align_jitter: {{shift_mean: [{p[:, 0].mean():.2f}, {p[:, 1].mean():.2f}], shift_std: "
+              f"[{p[:, 0].std():.2f}, {p[:, 1].std():.2f}], scale_mean: {p[:, 2].mean():.3f}, scale_std: "
+              f"{p[:, 2].std():.3f}, rotation_std: {np.sqrt((p[:, 3] ** 2).mean()):.1f}}}")
     return 0
 
 
@@ -191,7 +199,8 @@ def cmd_restore(args) -> int:
     models = dict(m.split("=", 1) for m in args.model)
     nets = {name: resolve_model(uri) for name, uri in models.items()}
     held_out = faces(args.faces, set(args.splits))[: args.limit]
-    print(f"{len(held_out)} 300-W faces (square >= 128 px natively); detector {args.detector}; models: "
+    print(f"{len(held_out)} 300-W faces (square >= 128 px natively); detector {args.detector}, landmarks "
+          f"{args.landmarks}; models: "
           + ", ".join(f"{k}={v}" for k, v in models.items()) + f"; splits {', '.join(args.splits)}", flush=True)
     mask = torch.from_numpy(face_mask(128))[None, None]
     results = {}
@@ -202,7 +211,7 @@ def cmd_restore(args) -> int:
             big, lm_big, small, lm = scaled(f, factor)
             original = align_quad(big, ffhq_quad(*keypoints_from_68(lm_big))).image
             gt_out = ffhq_quad(*keypoints_from_68((lm + 0.5) * factor - 0.5))  # the true square in the output
-            dets = detect(small, args.detector)
+            dets = detect(small, args.detector, landmarks=args.landmarks)
             d = match(dets, lm)
             crops = {"bicubic": align_quad(upscale_photo(small, factor), gt_out).image}
             thumb = downsample(_tensor([original]))
@@ -210,6 +219,7 @@ def cmd_restore(args) -> int:
                 crops[f"{name} (oracle)"] = net.to_uint8(thumb)[0]
             if d is not None:
                 found += 1
+                crops["bicubic (the faces found)"] = crops["bicubic"]
                 for name, net in nets.items():
                     for pixels in (False, True):
                         out = restore_photo(small, net, faces_of(small, dets), factor, photo_pixels=pixels)
@@ -241,9 +251,9 @@ def cmd_restore(args) -> int:
                 ids = np.array([r["identity"] for r in rows if "identity" in r])
                 line += f" | {ids.mean():.3f} | {(ids < 0.6).mean():.1%}" if len(ids) else " | – | –"
             print(line + " |")
-    print("\nbicubic and the oracles are scored on every face; restore on the faces the detector found (the same faces "
-          "for every model). PSNR / SSIM over the 128x128 true square; 'in the face mask': inside restore's "
-          "feathered ellipse.")
+    print("\nbicubic and the oracles are scored on every face; restore, and bicubic again, on the faces the detector "
+          "found (the same faces for every model). PSNR / SSIM over the 128x128 true square; 'in the face mask': "
+          "inside restore's feathered ellipse.")
     return 0
 
 
@@ -254,11 +264,14 @@ def main(argv=None) -> int:
     sub.add_parser("template", help="the five-point template of the 68-point alignment")
     al = sub.add_parser("alignment", help="detection recall and alignment error at each factor")
     al.add_argument("--detector", default="yunet")
+    al.add_argument("--upsample", type=int, default=None, help="the detector's (default: its own)")
+    al.add_argument("--landmarks", default="yunet", choices=["yunet", "dlib"])
     al.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     rs = sub.add_parser("restore", help="restore's faces against bicubic and the oracle")
     rs.add_argument("--model", action="append", required=True, help="NAME=MODEL (a checkpoint or models:/ URI); "
                                                                     "repeat to compare")
     rs.add_argument("--detector", default="yunet")
+    rs.add_argument("--landmarks", default="yunet", choices=["yunet", "dlib"])
     rs.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     rs.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     rs.add_argument("--dlib", action="store_true", help="also the dlib identity distance (the eval extra)")

@@ -1,9 +1,10 @@
 """Faults, second pass, on the real stack: a torn checkpoint at resume, the gate's evidence, a training that could
-not read all of its data, credentials kept out of what the dashboard shows."""
+not read all of its data, credentials kept out of what the dashboard shows, two runs creating one experiment."""
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -94,3 +95,22 @@ def test_credentials_never_travel_in_a_jobs_runtime_env(stack, sharded):
         jobs = r.read().decode()
     secret = stack.env()["AWS_SECRET_ACCESS_KEY"]
     assert "MLFLOW_TRACKING_URI" in jobs and secret not in jobs
+
+
+def test_two_runs_creating_one_experiment_at_once_both_get_it(stack, monkeypatch):
+    """On a new server two runs starting together both find the experiment missing; the create that loses the race
+    must read the winner's experiment, not fail the run (seen: two side-by-side trainings, one died)."""
+    from prouigan_platform import tracking
+
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    name = f"race-{os.getpid()}"
+    winner = mlflow.MlflowClient().create_experiment(name)  # the other run's create, just before ours
+    real = mlflow.MlflowClient.get_experiment_by_name
+    calls = []
+
+    def stale_first(self, n):  # our first look happened before the other run's create
+        calls.append(n)
+        return None if len(calls) == 1 else real(self, n)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", stale_first)
+    assert tracking.experiment_id(name) == winner and len(calls) == 2

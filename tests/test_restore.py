@@ -192,17 +192,25 @@ def _inside(points: np.ndarray, quad: np.ndarray) -> np.ndarray:
     return inside
 
 
-def test_restore_upscales_the_photo_and_pastes_every_face_back_only_inside_its_square(crowd, model, tmp_path):
+@pytest.fixture(scope="module")
+def restored(crowd, model, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`prouigan restore crowd.png --upscale 3 --faces`, run once for the tests that read what it wrote."""
+    out_dir = tmp_path_factory.mktemp("restored")
+    out = _run("restore", str(crowd[0]), "-o", str(out_dir), "--model", str(model), "--upscale", "3", "--faces")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out, out_dir
+
+
+@pytest.mark.cli
+def test_restore_upscales_the_photo_and_pastes_every_face_back_only_inside_its_square(crowd, restored):
     from prouigan_platform.restoring import upscale_photo
 
-    path, img, points = crowd
-    out = _run("restore", str(path), "-o", str(tmp_path / "out"), "--model", str(model), "--upscale", "3",
-               "--faces")
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    _, img, points = crowd
+    out, out_dir = restored
     assert "x3: --upscale" in out.stdout and "4 face(s) restored" in out.stdout
-    result = np.asarray(Image.open(tmp_path / "out" / "crowd.png"))
+    result = np.asarray(Image.open(out_dir / "crowd.png"))
     assert result.shape == (img.shape[0] * 3, img.shape[1] * 3, 3)
-    record = json.loads((tmp_path / "out" / "crowd.json").read_text())
+    record = json.loads((out_dir / "crowd.json").read_text())
     assert record["output_size"] == [img.shape[1] * 3, img.shape[0] * 3] and record["upscale"] == 3
     assert record["faces_found"] == record["faces_restored"] == 4 and record["detector"]["name"] == "yunet"
     for f, s in zip(sorted(record["faces"], key=lambda f: f["square_px"]), SQUARES, strict=True):
@@ -210,7 +218,7 @@ def test_restore_upscales_the_photo_and_pastes_every_face_back_only_inside_its_s
     for f in record["faces"]:
         assert f["status"] == "restored" and f["detector"] == "yunet" and len(f["points5"]) == 5
         assert len(f["box"]) == 4 and 0.7 <= f["score"] <= 1 and f["box_px"] > 0
-    assert (tmp_path / "out" / "crowd_faces.png").is_file()
+    assert (out_dir / "crowd_faces.png").is_file()
     # the background is the bicubic upscale, bit for bit; what changed lies inside the faces' squares
     changed = np.abs(result.astype(int) - upscale_photo(img, 3, "bicubic")).sum(-1) > 0
     ys, xs = np.nonzero(changed)
@@ -224,6 +232,19 @@ def test_restore_upscales_the_photo_and_pastes_every_face_back_only_inside_its_s
         assert _inside(pix, q).sum() > 0.2 * np.hypot(*(q[3] - q[0])) ** 2
 
 
+@pytest.mark.cli
+def test_the_demo_draws_bicubic_beside_restored_from_a_restore_record(crowd, restored, tmp_path):
+    from prouigan_platform.commands.demo import before_after
+
+    path, img, _ = crowd
+    pic = np.asarray(Image.open(before_after(path, restored[1], tmp_path / "pair.png")))
+    h, w = img.shape[0] * 3, img.shape[1] * 3
+    assert pic.shape == (min(400, h), 2 * min(720, w) + 8, 3)
+    left, right = pic[:, :min(720, w)], pic[:, -min(720, w):]
+    assert 0.02 < np.abs(left.astype(int) - right).sum(-1).astype(bool).mean() < 0.9  # the faces differ
+
+
+@pytest.mark.cli
 def test_restore_chooses_the_upscale_from_the_faces_and_says_why(crowd, model, tmp_path):
     path, img, _ = crowd
     out = _run("restore", str(path), "-o", str(tmp_path), "--model", str(model))
@@ -234,6 +255,7 @@ def test_restore_chooses_the_upscale_from_the_faces_and_says_why(crowd, model, t
     assert f"x{record['upscale']}: the median face's square is" in out.stdout
 
 
+@pytest.mark.cli
 def test_restore_refuses_bad_requests_in_one_line_and_writes_nothing(crowd, model, tmp_path):
     path, _, _ = crowd
     base = ["restore", str(path), "-o", str(tmp_path / "o"), "--model", str(model)]
@@ -247,3 +269,23 @@ def test_restore_refuses_bad_requests_in_one_line_and_writes_nothing(crowd, mode
     out = _run("restore", str(tmp_path / "wall.png"), "-o", str(tmp_path / "o"), "--model", str(model))
     assert out.returncode == 1 and "wall.png: no face found by yunet" in out.stderr and "Traceback" not in out.stderr
     assert not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.cli
+def test_dlib_landmarks_place_the_faces_yunet_found(crowd, model, tmp_path):
+    pytest.importorskip("dlib", reason="--landmarks dlib needs the eval extra")
+    from prouigan_platform.detection import detect
+
+    path, img, points = crowd
+    plain, refined = detect(img), detect(img, landmarks="dlib")
+    assert [d.box.tolist() for d in plain] == [d.box.tolist() for d in refined]  # the same faces
+    assert all(d.landmarks68 is not None and d.landmarks68.shape == (68, 2) for d in refined)
+    for d in refined:  # dlib's points lie on the face YuNet found
+        centre = d.landmarks68.mean(0)
+        assert d.box[0] <= centre[0] <= d.box[2] and d.box[1] <= centre[1] <= d.box[3]
+    out = _run("restore", str(path), "-o", str(tmp_path), "--model", str(model), "--landmarks", "dlib",
+               "--upscale", "2")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    record = json.loads((tmp_path / "crowd.json").read_text())
+    assert record["detector"]["landmarks"] == "dlib-68"
+    assert {f["landmarks"] for f in record["faces"]} == {"dlib-68"} and record["faces_restored"] == 4

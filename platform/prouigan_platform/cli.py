@@ -160,6 +160,9 @@ def _restore(p) -> None:
                    help="yunet: the enlargement of its small-face pass (default 3; 0 or 1: none); dlib: its image "
                         "pyramid's upsamplings (default 1)")
     p.add_argument("--threshold", type=float, default=None, help="yunet: the least score of a face (default 0.7)")
+    p.add_argument("--landmarks", choices=["yunet", "dlib"], default="yunet",
+                   help="the points that align each face found by yunet: its own five (default), or dlib's 68 "
+                        "(the eval extra; non-commercial licence), which place small faces about twice as well")
     p.add_argument("--thumbnail", type=Path, default=None,
                    help="a 16x16 face to use for the first (largest) face instead of the photo's own")
     p.add_argument("--faces", action="store_true", help="also write each face's thumbnail and result")

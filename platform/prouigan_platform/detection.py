@@ -30,6 +30,8 @@ TILE = 640  # tiles of this side (at the pass's scale), overlapping by OVERLAP
 OVERLAP = 96  # the largest face a tile pass must see whole; larger ones are the whole-photo pass's
 REFINE_BELOW = 48  # faces narrower than this (px) get their points measured again, enlarged
 REFINE_SIDE = 96  # ... until the face's box is about this wide
+DLIB_SIDE = 160  # --landmarks dlib: dlib's 68 points measured on the face enlarged until its box is this wide
+LANDMARKS = ("yunet", "dlib")
 NMS_IOU = 0.4
 DEFAULT_UPSAMPLE = {"yunet": 3, "dlib": 1}  # YuNet's enlarged pass; dlib's pyramid upsamplings
 DEFAULT_THRESHOLD = 0.7  # YuNet's least score: at 0.7 every other box it found on the 300-W photos was a face
@@ -47,7 +49,7 @@ class Detection:
     points5: np.ndarray  # (5, 2) prouigan.align.FIVE_POINTS order
     score: float  # 0..1
     detector: str
-    landmarks68: np.ndarray | None = field(default=None, repr=False)  # dlib only
+    landmarks68: np.ndarray | None = field(default=None, repr=False)  # dlib's 68 points, where measured
 
     @property
     def width(self) -> float:
@@ -55,7 +57,8 @@ class Detection:
 
     def to_json(self) -> dict:
         return {"box": [round(float(v), 1) for v in self.box], "points5": np.round(self.points5, 2).tolist(),
-                "score": round(self.score, 3), "detector": self.detector, "box_px": round(self.width, 1)}
+                "score": round(self.score, 3), "detector": self.detector, "box_px": round(self.width, 1),
+                "landmarks": "dlib-68" if self.landmarks68 is not None else "yunet-5"}
 
 
 @lru_cache(maxsize=1)
@@ -250,13 +253,39 @@ def detect_dlib(rgb: np.ndarray, upsample: int = 1) -> list[Detection]:
     return out
 
 
+def with_dlib_points(rgb: np.ndarray, d: Detection) -> Detection:
+    """``d`` with dlib's 68 points (the eval extra's predictor) measured in its box, on a crop enlarged until the box
+    is DLIB_SIDE px wide: on 16-32 px faces they place the alignment square about twice as well as YuNet's five
+    points (BENCHMARKS.md, "Tiny faces")."""
+    from prouigan_platform.dataset.labeler import DlibMissing, landmarks_in_box
+
+    x0, y0, x1, y1 = d.box
+    w = max(x1 - x0, 1.0)
+    scale = max(1.0, DLIB_SIDE / w)
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, 1.5 * max(w, y1 - y0)
+    h_, w_ = rgb.shape[:2]
+    left, top = int(max(0, np.floor(cx - half))), int(max(0, np.floor(cy - half)))
+    right, bottom = int(min(w_, np.ceil(cx + half))), int(min(h_, np.ceil(cy + half)))
+    crop = _resize(rgb[top:bottom, left:right], scale)
+    sx, sy = crop.shape[1] / (right - left), crop.shape[0] / (bottom - top)
+    box = ((x0 - left) * sx, (y0 - top) * sy, (x1 - left) * sx, (y1 - top) * sy)
+    try:
+        pts = landmarks_in_box(crop, box)
+    except DlibMissing as e:
+        raise DetectorMissing(str(e)) from None
+    lm = (pts + 0.5) / [sx, sy] - 0.5 + [left, top]
+    return Detection(d.box, five_points_from_68(lm), d.score, d.detector, lm)
+
+
 def detect(rgb: np.ndarray, detector: str = "yunet", upsample: int | None = None,
-           threshold: float | None = None) -> list[Detection]:
+           threshold: float | None = None, landmarks: str = "yunet") -> list[Detection]:
     """The faces ``detector`` finds, largest first.  ``upsample``: YuNet's enlarged tile pass, dlib's image pyramid
-    steps (DEFAULT_UPSAMPLE); ``threshold``: YuNet's least score (DEFAULT_THRESHOLD)."""
+    steps (DEFAULT_UPSAMPLE); ``threshold``: YuNet's least score (DEFAULT_THRESHOLD); ``landmarks="dlib"``: YuNet's
+    faces get dlib's 68 points (``with_dlib_points``; dlib's own faces always have them)."""
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; known: {', '.join(DETECTORS)}")
     up = DEFAULT_UPSAMPLE[detector] if upsample is None else upsample
-    if detector == "yunet":
-        return detect_yunet(rgb, DEFAULT_THRESHOLD if threshold is None else threshold, up)
-    return detect_dlib(rgb, up)
+    if detector == "dlib":
+        return detect_dlib(rgb, up)
+    found = detect_yunet(rgb, DEFAULT_THRESHOLD if threshold is None else threshold, up)
+    return [with_dlib_points(rgb, d) for d in found] if landmarks == "dlib" else found

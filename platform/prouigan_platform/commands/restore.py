@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from prouigan_platform.dataset.labeler import DlibMissing, model_dir, require_dlib
 from prouigan_platform.detection import DEFAULT_THRESHOLD, DEFAULT_UPSAMPLE, DetectorMissing, detect
 from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
-from prouigan_platform.registry import resolve_device, resolve_model
-from prouigan_platform.restoring import auto_upscale, faces_grid, faces_of, restore_photo
 from prouigan_platform.storage import write_bytes_atomic, write_png
 
 REACH = {"yunet": "faces under about 10 px wide (5 px between the eyes)",
@@ -109,6 +108,7 @@ def _record(path: Path, args, rgb: np.ndarray, faces, upscale: int, why: str) ->
         "from": "the 16x16 thumbnail alone" if args.thumbnail_only else
                 "the 16x16 thumbnail, and a face's own pixels where it is larger (model stage, back-projection)",
         "detector": {"name": args.detector, "upsample": args.upsample, "threshold": args.threshold,
+                     "landmarks": "dlib-68" if args.detector == "dlib" or args.landmarks == "dlib" else "yunet-5",
                      "not_found": f"{REACH[args.detector]} are beyond its reach: not found, they keep the upscaled "
                                   "background"},
         "faces_found": len(faces), "faces_restored": restored, "faces_skipped": len(faces) - restored,
@@ -133,11 +133,17 @@ def run(args) -> int:
     args.upsample = DEFAULT_UPSAMPLE[args.detector] if args.upsample is None else args.upsample
     args.threshold = DEFAULT_THRESHOLD if args.threshold is None and args.detector == "yunet" else args.threshold
     sizes = _sizes(args)
+    # the model's code (torch, MLflow) only now: a bad request above is answered at once
+    from prouigan_platform.registry import resolve_device, resolve_model
+    from prouigan_platform.restoring import auto_upscale, faces_grid, faces_of, restore_photo
+
     device = resolve_device(args.device)
     thumb = _thumbnail(args.thumbnail) if args.thumbnail is not None else None
-    try:
-        detect(np.zeros((32, 32, 3), np.uint8), args.detector)  # the detector's package is there (or one line)
-    except DetectorMissing as e:
+    try:  # the detector's packages are there (or one line)
+        detect(np.zeros((32, 32, 3), np.uint8), args.detector)
+        if args.landmarks == "dlib":
+            require_dlib(), model_dir()
+    except (DetectorMissing, DlibMissing) as e:
         raise UserError(str(e)) from None
     model = resolve_model(args.model, device)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -153,7 +159,7 @@ def run(args) -> int:
             print(f"prouigan restore: {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
             progress.update()
             continue
-        faces = faces_of(rgb, detect(rgb, args.detector, args.upsample, args.threshold))
+        faces = faces_of(rgb, detect(rgb, args.detector, args.upsample, args.threshold, args.landmarks))
         if not faces:
             no_face.append(path)
             print(f"prouigan restore: {path}: no face found by {args.detector} ({REACH[args.detector]} are beyond "
