@@ -170,32 +170,33 @@ def write_pts(path: Path, landmarks: np.ndarray) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def synthetic_crowd(squares: list[int], seed: int = 0, size: tuple[int, int] | None = None,
+def synthetic_crowd(squares: list[int], seed: int = 0, width: int | None = None,
                     gap: int = 12) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A photo of procedural faces whose alignment squares are ``squares`` px, side by side in rows on a smooth
-    background: (H, W, 3) uint8 and each face's 68 points in the photo.  For restoring tiny faces without real
-    photos (tests, the README's picture).  ``size``: (width, height); default: one row."""
+    """A photo of procedural faces whose alignment squares are ``squares`` px, in rows (``width`` px wide; default:
+    one row) on a smooth background: (H, W, 3) uint8 and each face's 68 points in the photo.  For restoring tiny
+    faces without real photos (tests, the README's picture)."""
     from prouigan.align import align, keypoints_from_68
 
-    width, height = size or (sum(squares) + gap * (len(squares) + 1), max(squares) + 2 * gap)
+    width = width or sum(squares) + gap * (len(squares) + 1)
+    places, x, y, row_h = [], gap, gap, 0
+    for s in squares:
+        if x + s + gap > width and x > gap:  # the next row
+            x, y, row_h = gap, y + row_h + gap, 0
+        places.append((x, y))
+        x, row_h = x + s + gap, max(row_h, s)
+    height = y + row_h + gap
     yy, xx = np.mgrid[:height, :width].astype(np.float32)
-    rng = np.random.default_rng(seed)
-    phase = rng.uniform(0, 6.3, 3)
+    phase = np.random.default_rng(seed).uniform(0, 6.3, 3)
     photo = np.stack([120 + 50 * np.sin(xx / 41 + phase[0]), 105 + 40 * np.cos(yy / 29 + phase[1]),
                       95 + 35 * np.sin((xx + yy) / 57 + phase[2])], -1)
     points = []
-    x, y, row_h = gap, gap, 0
-    for i, s in enumerate(squares):
-        if x + s + gap > width:  # next row
-            x, y, row_h = gap, y + row_h + gap, 0
+    for i, (s, (x, y)) in enumerate(zip(squares, places, strict=True)):
         img, lm = synthetic_face(seed * 1000 + i)
         a = align(img, *keypoints_from_68(lm), landmarks=lm)
         face = np.asarray(Image.fromarray(a.image).resize((s, s), Image.LANCZOS), np.float32)
         c = (np.arange(s) + 0.5) / s
         r = np.hypot(*np.meshgrid((c - 0.5) / 0.5, (c - 0.5) / 0.5))  # the whole crop's disc, soft at its rim
         alpha = np.clip((1 - r) / 0.2, 0, 1)[..., None]
-        region = photo[y:y + s, x:x + s]
-        photo[y:y + s, x:x + s] = region * (1 - alpha) + face * alpha
+        photo[y:y + s, x:x + s] = photo[y:y + s, x:x + s] * (1 - alpha) + face * alpha
         points.append((a.landmarks + 0.5) * s / 128 - 0.5 + [x, y])
-        x, row_h = x + s + gap, max(row_h, s)
     return np.clip(photo, 0, 255).round().astype(np.uint8), points

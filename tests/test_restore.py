@@ -90,6 +90,23 @@ def test_yunet_finds_faces_of_16_to_64_px_and_sizes_them(crowd):
         assert hit[0].status == "restored" and 0.7 <= hit[0].detection.score <= 1
 
 
+def test_a_face_mostly_outside_the_photo_is_skipped_with_the_reason_and_threads_are_given_back(crowd):
+    from prouigan_platform.detection import detect
+    from prouigan_platform.restoring import faces_of
+
+    _, img, _ = crowd
+    torch.set_num_threads(2)
+    found = detect(img)
+    assert torch.get_num_threads() == 2  # YuNet ran on one OpenMP thread; torch's count is back
+    d = max(found, key=lambda d: d.width)
+    width = img.shape[1]
+    shift = width - d.points5[:, 0].min() + 2  # the face's points just past the right edge: its square is outside
+    d.points5 = d.points5 + [shift, 0]
+    d.box = d.box + [shift, 0, shift, 0]
+    face = faces_of(img, [d])[0]
+    assert face.status == "skipped" and "lies inside the photo" in face.reason
+
+
 def test_nms_merges_the_same_face_found_twice_and_keeps_neighbours():
     from prouigan_platform.detection import nms
 

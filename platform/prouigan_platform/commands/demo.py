@@ -112,14 +112,14 @@ CROWD = "0_Parade_marchingband_1_60.jpg"  # WIDER FACE: ~100 faces of 10-40 px (
 
 def crowd_photo(which: str) -> Path:
     """The crowd photo to restore: a WIDER FACE one from ../shared/crowds with real faces, else procedural faces
-    of 16-40 px on a background (written to outputs/demo/)."""
+    of 14-26 px on a background (written to outputs/demo/)."""
     real = SHARED / "crowds" / CROWD
     if real.is_file() and not which.startswith("SYNTHETIC"):
         return real
     from prouigan.synthetic import synthetic_crowd
 
     rng = np.random.default_rng(7)
-    img, _ = synthetic_crowd([int(s) for s in rng.integers(16, 41, 24)], seed=7, size=(330, 180))
+    img, _ = synthetic_crowd([int(s) for s in rng.integers(14, 27, 30)], seed=7, width=260)
     path = OUT / "synthetic_crowd.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
