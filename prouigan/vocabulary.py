@@ -10,12 +10,21 @@ NEEDS_LANDMARKS = frozenset({"sunglasses", "mask", "hand"})
 # landmark-derived regions of the face (``prouigan.regions``)
 REGIONS = ("eyes", "brows", "nose", "mouth", "skin")
 
+# the face parser's classes (``prouigan.judges``): HELEN's 11 with left and right merged
+PARSE_CLASSES = ("background", "skin", "brows", "eyes", "nose", "upper_lip", "inner_mouth", "lower_lip", "hair")
+# the expression classifier's binary attributes, and the CelebA attribute each is labelled by
+EXPRESSIONS = ("smiling", "mouth_open")
+EXPRESSION_ATTRIBUTES = {"smiling": "Smiling", "mouth_open": "Mouth_Slightly_Open"}
+
 # every metric an evaluation reports -> "max" (higher is better) or "min" (lower is better)
 METRICS: dict[str, str] = {
     "psnr": "max", "ssim": "max", "psnr_occluded": "max", "nme": "min", "prior_nme": "min",
     "identity_distance": "min", "match_rate": "max", **{f"region_psnr_{r}": "max" for r in REGIONS},
+    "parse_f1": "max", **{f"parse_f1_{c}": "max" for c in PARSE_CLASSES if c != "background"},
+    "expression_accuracy": "max", **{f"expression_accuracy_{e}": "max" for e in EXPRESSIONS},
 }
 # the ones a champion gate may decide on (``eval.gate_metrics``)
-GATE_METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "match_rate")
+GATE_METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "match_rate", "parse_f1",
+                "expression_accuracy")
 # the ones a loss-weight search may maximise (``tune.metric``): training's validation scores
 SEARCH_METRICS = ("val_psnr", "val_psnr_occluded", "val_ssim")

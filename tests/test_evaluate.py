@@ -100,7 +100,11 @@ def test_evaluation_reports_every_metric_for_model_and_bicubic(stack, faces, ver
     assert abs(g["psnr"] - b["psnr"]) < 1.5  # bilinear x2 x3 is close to bicubic x8, not identical
     assert g["psnr"] != b["psnr"]
     report = (tmp_path / "ev" / "report.md").read_text()
-    assert "| bicubic |" in report and "stand-in for face parsing" in report and "Expression: not measured" in report
+    assert "| bicubic |" in report and "| original |" in report  # the originals: the ceiling of NME
+    assert 0 < m["methods"]["original"]["nme"] < b["nme"] and "psnr" not in m["methods"]["original"]
+    # no judge stored in this stack: the paper's parsing and expression columns say how to get them
+    assert "parse_f1: not measured — no face parser stored: train one with `prouigan judges train parser`" in report
+    assert "expression_accuracy: not measured — no expression classifier stored" in report
     assert Image.open(tmp_path / "ev" / "cases.png").size[0] == 128 * 6  # input, bicubic, 3 stages, original
     client = mlflow.MlflowClient(stack.mlflow_uri)
     run_id = client.get_model_version(MODEL, versions["good"]).run_id

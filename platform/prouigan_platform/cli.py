@@ -29,6 +29,7 @@ COMMANDS = {
     "tune": "search loss weights with Ray Tune + Optuna (TPE) + ASHA; every trial tracked in MLflow",
     "hallucinate": "16x16 thumbnails in a folder -> 128x128 faces (checkpoint, runs:/ or models:/ URI)",
     "evaluate": "score a model vs bicubic (fidelity, dlib alignment/identity, landmark regions); --promote: the gate",
+    "judges": "train and list the face parser and expression classifier that judge hallucinated faces",
     "restore": "find the faces of photos (tiny ones too), hallucinate them, paste them back into the photo upscaled",
     "retrain": "scheduled retraining: new faces -> new dataset version -> fine-tune -> evaluate -> gate",
 }
@@ -141,6 +142,27 @@ def _evaluate(p) -> None:
     _device_arg(p, "cpu")
 
 
+def _judges(p) -> None:
+    p.add_argument("action", choices=["train", "list"])
+    p.add_argument("kind", nargs="?", choices=["parser", "expression"], help="train: which judge")
+    _config_args_only(p)
+    p.add_argument("--parsing", type=Path, default=Path("../shared/parsing"),
+                   help="parser: the CelebAMask-HQ folder (images/, masks/; default ../shared/parsing)")
+    p.add_argument("--data", default=None, help="expression: dataset manifest URI with CelebA faces (default: "
+                                                "train.dataset, else the latest version in data.output)")
+    p.add_argument("--attributes", type=Path, default=None,
+                   help="expression: CelebA's attribute table (default: ATTRIBUTES.txt beside the CelebA source)")
+    p.add_argument("--minutes", type=float, default=None, help="the training's time budget (default 10)")
+    p.add_argument("--steps", type=positive_int, default=None, help="the training's step budget instead")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config_args_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML file, or a name in pipelines/configs (e.g. cpu-small)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override (repeatable)")
+
+
 def _restore(p) -> None:
     p.add_argument("photos", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -174,11 +196,11 @@ def _restore(p) -> None:
 
 
 # commands that find the embedded stack (when the environment names no cluster) before their work starts
-USES_STACK = {"hello", "shard", "train", "tune", "hallucinate", "evaluate", "restore", "retrain"}
+USES_STACK = {"hello", "shard", "train", "tune", "hallucinate", "evaluate", "restore", "retrain", "judges"}
 
 ARGUMENTS = {"platform": _platform, "config": _config_args, "demo": lambda p: None, "hello": _hello,
              "synth": _synth, "shard": _shard, "train": _train, "tune": _tune, "hallucinate": _hallucinate,
-             "evaluate": _evaluate, "restore": _restore, "retrain": _config_args}
+             "evaluate": _evaluate, "judges": _judges, "restore": _restore, "retrain": _config_args}
 
 
 class _Parser(argparse.ArgumentParser):

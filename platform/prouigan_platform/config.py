@@ -265,6 +265,8 @@ class EvalConfig(_Section):
     split: Literal["train", "val", "test"] = "test"
     gate_metrics: list[str] = ["psnr", "nme"]  # the candidate must beat the champion on every one of these
     dlib: bool = True  # NME and identity metrics (the ``eval`` extra); off: skipped and never gated on
+    # parsing F1 and expression accuracy by the stored judges (`prouigan judges train`); none stored: skipped
+    judges: bool = True
     batch_size: int = Field(default=64, ge=1)
     cases: int = Field(default=4, ge=1)  # best and worst faces in the report picture
     limit: int | None = Field(default=None, ge=1)  # evaluate only the first N faces (a partial evaluation)

@@ -9,9 +9,15 @@ averaged:
                outer-eye-corner distance; prior_nme: the model's own last-stage prior (soft-argmax)
   recognition  identity_distance: distance of dlib's 128-d embeddings of restored and original face;
                match_rate: the share under dlib's same-person threshold 0.6
+  parsing      parse_f1 (and parse_f1_<class>): the platform's face parser (``prouigan judges``) on the restored
+               face against its parse of the original, per face class, averaged over the classes present
+  expression   expression_accuracy (and _smiling, _mouth_open): the platform's expression classifier on the
+               restored face against CelebA's labels (faces with labels only)
   regions      region_psnr_{eyes,brows,nose,mouth,skin}: PSNR inside regions drawn from the ground-truth
-               68 points (``prouigan.regions``) — a landmark-derived stand-in for face parsing, not parsing
-The dlib metrics need the ``eval`` extra; without it they are skipped, and the reason is recorded.
+               68 points (``prouigan.regions``)
+A third row, ``original``, scores the originals themselves where that means something (dlib NME, expression
+accuracy): the ceiling of those columns.  The dlib metrics need the ``eval`` extra and the judges a stored parser
+and classifier; what is missing is skipped, and the reason recorded.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ MATCH_THRESHOLD = 0.6  # dlib's documented same-person distance
 # metric -> which way is better
 DLIB_METRICS = ("nme", "identity_distance", "match_rate")
 BICUBIC = "bicubic"
+ORIGINAL = "original"  # the originals scored as a method: the ceiling of NME and expression accuracy
 
 
 @functools.cache
@@ -161,6 +168,11 @@ class Method:
     per_face: dict[str, np.ndarray] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def coverage(self) -> dict[str, int]:
+        """metric -> how many faces it was measured on."""
+        return {k: int(np.isfinite(v).sum()) for k, v in self.per_face.items() if np.isfinite(v).any()}
+
 
 @dataclass
 class SplitInfo:
@@ -217,6 +229,7 @@ class Evaluation:
     skipped: dict[str, str]  # metric -> why it was not measured
     cases: Cases | None = None
     stages: int = 0  # of the case model
+    judges: dict = field(default_factory=dict)  # which parser and expression classifier judged (judging.Panel)
 
     def problems(self, metrics: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Why this evaluation is partial (empty when it is complete for ``metrics``)."""
@@ -227,6 +240,8 @@ class Evaluation:
         if d.bad_shards:
             out.append(f"{d.bad_shards} shard(s) of the {d.split} split could not be read")
         for name, m in self.methods.items():
+            if name == ORIGINAL:
+                continue
             for k in metrics:
                 v = m.summary.get(k)
                 if v is None or not math.isfinite(v):
@@ -239,23 +254,27 @@ class Evaluation:
                 "faces": len(d.keys),
                 "expected_faces": d.expected, "bad_shards": d.bad_shards,
                 "complete": not self.problems(), "skipped": self.skipped, "directions": METRICS,
-                "methods": {k: m.summary for k, m in self.methods.items()}}
+                "methods": {k: m.summary for k, m in self.methods.items()},
+                "coverage": {k: m.coverage for k, m in self.methods.items()}, "judges": self.judges}
 
 
 def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, source: str | None = None,
              limit: int | None = None, use_dlib: bool = True, heatmap_sigma: float = 1.5, batch_size: int = 64,
              case_model: str | None = "model", cases: int = 4, progress_every: float | None = 15.0,
-             log=print) -> Evaluation:
+             judges=None, log=print) -> Evaluation:
     """Score ``models`` (name -> ``prouigan.inference.Hallucinator``) and bicubic on a split, streaming it a batch at
     a time: memory holds one batch, the per-face scores (a few numbers a face) and the report's case faces,
-    whatever the split's size.  Bicubic is always the first method."""
+    whatever the split's size.  Bicubic is always the first method.  ``judges``: a ``judging.Panel`` (parsing and
+    expression), or None."""
     m, expected, ds = _split_reader(manifest_uri, split, data, limit, source)
     info = SplitInfo(manifest_uri, m.digest, split, source, expected)
     skipped: dict[str, str] = {}
     if not use_dlib:
         skipped.update({k: "dlib metrics turned off" for k in DLIB_METRICS})
+    if judges is not None:
+        skipped.update(judges.skipped)
     keep = Cases(cases) if case_model in models else None
-    run = _BatchScorer(models, keep, case_model, batch_size, heatmap_sigma, use_dlib, skipped)
+    run = _BatchScorer(models, keep, case_model, batch_size, heatmap_sigma, use_dlib, skipped, judges)
     bar = Progress("evaluate", min(expected, limit or expected), "faces", every=progress_every) \
         if progress_every else None
     with torch.inference_mode():
@@ -276,7 +295,10 @@ def evaluate(models: dict, manifest_uri: str, split: str, data: DataConfig, sour
         methods[name] = Method(name, pf, _summarise(pf))
     if not run.any_landmarks:
         skipped.setdefault("nme", "no face of the split has ground-truth landmarks")
-    return Evaluation(info, methods, skipped, keep, run.stages)
+    if judges is not None and judges.expression is not None and "expression_accuracy" not in skipped and not any(
+            "expression_accuracy" in m.summary for m in methods.values()):
+        skipped["expression_accuracy"] = "no face of the split has expression labels (CelebA faces have them)"
+    return Evaluation(info, methods, skipped, keep, run.stages, judges.describe() if judges is not None else {})
 
 
 @dataclass
@@ -292,6 +314,7 @@ class _BatchScorer:
     heatmap_sigma: float
     dlib: bool
     skipped: dict[str, str]
+    judges: object = None  # judging.Panel
     stages: int = 0
     any_landmarks: bool = False
     per_face: dict[str, dict[str, list]] = field(init=False)
@@ -314,10 +337,17 @@ class _BatchScorer:
         scores = {}
         if self.dlib:
             try:
-                scores = dlib_scores(batch, finals)
+                scores = dlib_scores(batch, {**finals, ORIGINAL: hr})
+                scores[ORIGINAL].pop("identity_distance")  # the original against itself
             except DlibMissing as e:
                 self.dlib = False
                 self.skipped.update({k: str(e) for k in DLIB_METRICS})
+        if self.judges is not None:
+            for name, pf in self.judges.score(list(batch["key"]), hr, finals, ORIGINAL).items():
+                scores.setdefault(name, {}).update(pf)
+        if scores.get(ORIGINAL):
+            for k, v in scores[ORIGINAL].items():
+                self.per_face.setdefault(ORIGINAL, {}).setdefault(k, []).append(np.asarray(v, np.float64))
         for name, out in finals.items():
             pf = {"psnr": psnr(out, hr).numpy(), "ssim": ssim(out, hr).numpy(),
                   "psnr_occluded": masked_psnr(out, hr, mask).numpy(), **region_psnr(out, hr, lms, has)}
@@ -366,14 +396,40 @@ def case_grid(ev: Evaluation) -> tuple[np.ndarray, list[tuple[str, str, float]]]
 def _fmt(v: float | None, metric: str) -> str:
     if v is None or not math.isfinite(v):
         return "–"
-    return f"{v:.4f}" if metric in ("nme", "prior_nme", "ssim", "identity_distance") else \
-        f"{v:.1%}" if metric == "match_rate" else f"{v:.2f}"
+    if metric in ("nme", "prior_nme", "ssim", "identity_distance") or metric.startswith("parse_f1"):
+        return f"{v:.4f}"
+    return f"{v:.1%}" if metric == "match_rate" or metric.startswith("expression_accuracy") else f"{v:.2f}"
 
 
-def table_rows(ev: Evaluation) -> tuple[list[str], list[list[str]]]:
-    metrics = [k for k in METRICS if any(k in m.summary for m in ev.methods.values())]
+def _detail(metric: str) -> bool:
+    return metric.startswith(("parse_f1_", "expression_accuracy_"))
+
+
+def table_rows(ev: Evaluation, detail: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The report's table: a row per method, a column per metric measured, and a last row with how many faces
+    each metric covers (faces without landmarks, labels or a dlib detection are not in every column).
+    ``detail``: the per-class parsing F1 and per-attribute expression accuracy instead."""
+    metrics = [k for k in METRICS if _detail(k) == detail and any(k in m.summary for m in ev.methods.values())]
     head = ["method"] + [f"{k} {'↑' if METRICS[k] == 'max' else '↓'}" for k in metrics]
-    return head, [[n] + [_fmt(m.summary.get(k), k) for k in metrics] for n, m in ev.methods.items()]
+    rows = [[n] + [_fmt(m.summary.get(k), k) for k in metrics] for n, m in ev.methods.items()]
+    covered = [max((m.coverage.get(k, 0) for m in ev.methods.values()), default=0) for k in metrics]
+    return head, rows + [["faces"] + [f"{c:,}" for c in covered]]
+
+
+def judge_notes(judges: dict) -> list[str]:
+    out = []
+    if "parser" in judges:
+        p = judges["parser"]
+        out.append(f"parse_f1*: parser v{p['version']} (held-out mean F1 {p['held_out_mean_f1']} and mIoU "
+                   f"{p['held_out_miou']} against human labels on {p['held_out_faces']} CelebAMask-HQ faces); each "
+                   "face's parse against the parse of its original, F1 per face class, averaged over the classes "
+                   "present.")
+    if "expression" in judges:
+        e = judges["expression"]
+        out.append(f"expression_accuracy*: classifier v{e['version']} (on {e['test_faces']} real test faces: smiling "
+                   f"{e.get('test_accuracy_smiling')}, mouth open {e.get('test_accuracy_mouth_open')}) against "
+                   "CelebA's Smiling and Mouth_Slightly_Open labels.")
+    return out
 
 
 def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
@@ -391,9 +447,10 @@ def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
                f"worst faces by the model's PSNR. Columns: 16x16 input (nearest) | bicubic | "
                f"{' | '.join(f'stage {i + 1}' for i in range(stages))} | original.")
     notes = [f"{k}: not measured — {why}" for k, why in ev.skipped.items()]
-    notes.append("region_psnr_*: PSNR inside regions drawn from the ground-truth 68 landmarks (a stand-in for "
-                 "face parsing; no parsing model installs offline). Expression: not measured (no pretrained "
-                 "expression model installs offline).")
+    notes += judge_notes(ev.judges)
+    notes.append("original: the originals themselves, where that measures something (dlib NME against the "
+                 "ground truth, expression accuracy against the labels): the ceiling of those columns.")
+    notes.append("region_psnr_*: PSNR inside regions drawn from the ground-truth 68 landmarks.")
     problems = ev.problems()
     md = [f"# Evaluation: {title}", "",
           f"Dataset `{d.manifest_uri}` (digest {d.digest}), split **{d.split}**"
@@ -401,6 +458,11 @@ def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
           f"faces, occlusions seeded by each face's key.", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    dhead, drows = table_rows(ev, detail=True)
+    if len(dhead) > 1:
+        md += ["", "Parsing F1 per face class and expression accuracy per attribute:", "",
+               "| " + " | ".join(dhead) + " |", "|" + "---|" * len(dhead)]
+        md += ["| " + " | ".join(r) + " |" for r in drows]
     md += ["", f"![cases]({files['grid'].name})", "", caption, ""]
     md += ["Cases: " + ", ".join(f"{kind} {key} ({p:.2f} dB)" for kind, key, p in labels), ""]
     md += [f"- {n}" for n in notes]
@@ -408,8 +470,9 @@ def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
         md += ["", "**Partial evaluation:** " + "; ".join(problems)]
     files["markdown"].write_text("\n".join(md) + "\n")
     esc = html.escape
-    table = "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+    table = "".join("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{esc(h)}</th>" for h in hd) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rs)
+                    + "</table><p></p>" for hd, rs in ((head, rows), (dhead, drows)) if len(hd) > 1)
     files["html"].write_text(
         f"<!doctype html><meta charset=utf-8><title>{esc(title)}</title><h1>Evaluation: {esc(title)}</h1>"
         f"<p>Dataset <code>{esc(d.manifest_uri)}</code>, split <b>{esc(d.split)}</b>: {len(d.keys)} of "

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import mlflow
 
-from prouigan_platform import gate, tracking
+from prouigan_platform import gate, judging, tracking
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.errors import UserError
-from prouigan_platform.evaluation import evaluate, table_rows, write_report
+from prouigan_platform.evaluation import ORIGINAL, evaluate, table_rows, write_report
 from prouigan_platform.locks import registry_lock
 from prouigan_platform.registry import alias_version, registered_version, resolve_model
 
@@ -72,9 +72,12 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
             models["champion"] = resolve_model(f"models:/{champion.name}/{champion.version}", device)
         log(f"evaluate: the {split} faces{f' of source {source}' if source else ''} of {data_uri}; methods: "
             "bicubic, " + ", ".join(f"{k} ({'v' + champion.version if k == 'champion' else model})" for k in models))
+        judges = judging.panel(mf.load(data_uri), cfg.eval.judges)
+        if judges.parser or judges.expression:
+            log("evaluate: judged by " + ", ".join(j.label for j in (judges.parser, judges.expression) if j))
         ev = evaluate(models, data_uri, split, cfg.data, source=source, limit=cfg.eval.limit, use_dlib=cfg.eval.dlib,
                       heatmap_sigma=cfg.data.heatmap_sigma, batch_size=cfg.eval.batch_size, cases=cfg.eval.cases,
-                      log=log)
+                      judges=judges, log=log)
         data = ev.data
         log(f"evaluate: {len(data.keys)} faces scored in {time.time() - t0:.0f} s (dataset digest {data.digest})")
         context["gate.digest"] = data.digest
@@ -129,9 +132,11 @@ def _log_to_run(run_id: str, ev, files: dict, split: str) -> None:
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
     metrics = []
-    for name, prefix in (("model", f"eval_{split}_"), ("bicubic", f"eval_{split}_bicubic_")):
-        metrics += [mlflow.entities.Metric(prefix + k, float(v), now, 0)
-                    for k, v in ev.methods[name].summary.items()]
+    for name, prefix in (("model", f"eval_{split}_"), ("bicubic", f"eval_{split}_bicubic_"),
+                         (ORIGINAL, f"eval_{split}_original_")):
+        if name in ev.methods:
+            metrics += [mlflow.entities.Metric(prefix + k, float(v), now, 0)
+                        for k, v in ev.methods[name].summary.items()]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i:i + 500])
     for f in files.values():
