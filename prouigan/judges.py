@@ -37,25 +37,29 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class Parser(nn.Module):
-    """A small U-Net: (B, 3, 128, 128) in [0, 1] -> (B, len(PARSE_CLASSES), 128, 128) logits."""
+    """A small U-Net: (B, 3, 128, 128) in [0, 1] -> (B, len(PARSE_CLASSES), 128, 128) logits.  It looks at the face
+    at ``side`` px (64 by default: 4x the model's input, and a quarter of the work of 128) and its logits are
+    upsampled to the input's size."""
 
-    def __init__(self, width: int = 24, classes: int = len(PARSE_CLASSES)):
+    def __init__(self, width: int = 24, classes: int = len(PARSE_CLASSES), side: int = 64):
         super().__init__()
         w = [width, width * 2, width * 4, width * 8]
-        self.config = {"width": width, "classes": classes}
+        self.side = side
+        self.config = {"width": width, "classes": classes, "side": side}
         self.down = nn.ModuleList([_block(3, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
         self.up = nn.ModuleList([_block(w[3] + w[2], w[2]), _block(w[2] + w[1], w[1]), _block(w[1] + w[0], w[0])])
         self.head = nn.Conv2d(w[0], classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - 0.5) / 0.25
+        size = x.shape[-2:]
+        x = (F.interpolate(x, size=(self.side, self.side), mode="area") - 0.5) / 0.25
         skips = []
         for i, d in enumerate(self.down):
             x = d(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         for u, s in zip(self.up, reversed(skips[:-1]), strict=True):
             x = u(torch.cat([F.interpolate(x, size=s.shape[-2:], mode="bilinear", align_corners=False), s], 1))
-        return self.head(x)
+        return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def parse(self, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:

@@ -209,3 +209,12 @@ def test_a_full_disk_inside_a_ray_task_is_the_machines_error_not_a_bug():
     assert _expected(chained) == 1 and _message(chained) == "No space left on device: /data/x.tar"
     assert _expected(RayTaskError("ValueError: [Errno 2] a bug")) is None  # not a machine errno: still a bug
     assert _expected(RuntimeError("a bug")) is None
+
+
+def test_judges_train_without_a_judge_with_no_time_or_on_a_folder_that_is_not_a_parsing_folder(tmp_path):
+    env = {"PROUIGAN_STATE_DIR": str(tmp_path / "state")}
+    _one_line_error(_run("judges", "train", env=env), 2, "required: kind")
+    _one_line_error(_run("judges", "train", "parser", "--minutes", "0", env=env), 2, "must be above 0")
+    _one_line_error(_run("judges", "train", "parser", "--parsing", str(tmp_path), "--steps", "1", env=env), 2,
+                    "is not a parsing folder")
+    assert not (tmp_path / "state" / "store" / "judges").exists()  # nothing half-written

@@ -61,11 +61,11 @@ def test_parse_f1_per_face_class_and_its_mean_over_the_classes_present():
 
 def test_the_parser_trains_on_the_shared_labels_and_a_changed_version_is_refused(shared_parsing, tmp_path):
     root = str(tmp_path / "store")
-    j = judging.train_parser(shared_parsing, minutes=None, steps=12, limit=40, width=8, root=root, log=lambda m: None)
+    j = judging.train_parser(shared_parsing, minutes=None, steps=6, limit=20, width=8, root=root, log=lambda m: None)
     assert j.version == 1 and judging.versions("parser", root) == [1]
     rec = j.record
-    assert rec["data"]["train_faces"] + rec["data"]["held_out_faces"] + len(rec["data"]["quarantined"]) == 40
-    assert rec["held_out"]["faces"] == rec["data"]["held_out_faces"] == 4
+    assert rec["data"]["train_faces"] + rec["data"]["held_out_faces"] + len(rec["data"]["quarantined"]) == 20
+    assert rec["held_out"]["faces"] == rec["data"]["held_out_faces"] == 2
     assert 0 <= rec["held_out"]["mean_f1"] <= 1 and set(rec["held_out"]["f1"]) == set(PARSE_CLASSES)
     loaded = judging.load("parser", root=root)
     for k, v in j.model.state_dict().items():
@@ -142,3 +142,4 @@ def test_the_evaluation_reports_parsing_and_expression_for_bicubic_the_model_and
     assert f"| faces | {n:,} |" in md  # how many faces each column covers
     assert "| original | – |" in md
     assert ev.to_json()["judges"]["expression"]["version"] == 1
+

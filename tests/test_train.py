@@ -126,13 +126,14 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_the_step_count_continu
 def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     """train.max_minutes stops a run that would take 100000 steps; the last step is validated and checkpointed,
     with the cosine schedule and the late discriminators on the way; the two workers agree on the budget every 3
-    steps, in NHWC, on batches occluded in the worker."""
+    steps, in NHWC, on batches occluded in the worker; an EMA of G's weights is the checkpoint's generator."""
     import torch
 
     common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=budget",
               "tracking.experiment=budget", "train.num_workers=2", "train.steps=100000", "train.val_every=5",
               "train.max_minutes=0.3", "train.lr_schedule=cosine", "train.adversarial_start=0.5",
-              "train.sync_every=3", "train.channels_last=true", "data.occlusion.on_device=true"]
+              "train.sync_every=3", "train.channels_last=true", "data.occlusion.on_device=true",
+              "train.ema_decay=0.9"]
     assert _cli(stack, "shard", *common).returncode == 0
     out = _cli(stack, "train", *common)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -140,6 +141,9 @@ def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     assert steps and 0 < steps[-1] < 100000
     state = torch.load(tmp_path / "ck" / "budget" / f"step_{steps[-1]:07d}" / "state.pt", weights_only=True)
     assert state["step"] == steps[-1] and 18 <= state["elapsed_s"] < 120
+    # the average is what registers and serves; the raw weights are kept to resume training from
+    assert set(state["generator_raw"]) == set(state["generator"])
+    assert any(not torch.equal(state["generator_raw"][k], v) for k, v in state["generator"].items())
     assert "world_rank=1" in out.stdout + out.stderr
 
 

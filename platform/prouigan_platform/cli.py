@@ -45,6 +45,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return v
+
+
 MAX_UPSCALE = 8  # restore's largest upscale: the model's own 8x (prouigan_platform.restoring.MAX_UPSCALE, tested equal)
 
 
@@ -143,18 +153,22 @@ def _evaluate(p) -> None:
 
 
 def _judges(p) -> None:
-    p.add_argument("action", choices=["train", "list"])
-    p.add_argument("kind", nargs="?", choices=["parser", "expression"], help="train: which judge")
-    _config_args_only(p)
-    p.add_argument("--parsing", type=Path, default=Path("../shared/parsing"),
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    t = sub.add_parser("train", help="train a judge and store it as the next version",
+                       description="train a judge and store it as the next version")
+    t.add_argument("kind", choices=["parser", "expression"])
+    _config_args_only(t)
+    t.add_argument("--parsing", type=Path, default=Path("../shared/parsing"),
                    help="parser: the CelebAMask-HQ folder (images/, masks/; default ../shared/parsing)")
-    p.add_argument("--data", default=None, help="expression: dataset manifest URI with CelebA faces (default: "
+    t.add_argument("--data", default=None, help="expression: dataset manifest URI with CelebA faces (default: "
                                                 "train.dataset, else the latest version in data.output)")
-    p.add_argument("--attributes", type=Path, default=None,
+    t.add_argument("--attributes", type=Path, default=None,
                    help="expression: CelebA's attribute table (default: ATTRIBUTES.txt beside the CelebA source)")
-    p.add_argument("--minutes", type=float, default=None, help="the training's time budget (default 10)")
-    p.add_argument("--steps", type=positive_int, default=None, help="the training's step budget instead")
-    p.add_argument("--seed", type=int, default=0)
+    t.add_argument("--minutes", type=positive_float, default=None, help="the training's time budget (default 10)")
+    t.add_argument("--steps", type=positive_int, default=None, help="the training's step budget instead")
+    t.add_argument("--seed", type=int, default=0)
+    sub.add_parser("list", help="the stored judges and their own held-out scores",
+                   description="the stored judges and their own held-out scores")
 
 
 def _config_args_only(p: argparse.ArgumentParser) -> None:

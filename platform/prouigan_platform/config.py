@@ -194,6 +194,9 @@ class TrainConfig(_Section):
     lr_g: float = Field(default=2e-4, gt=0.0)
     lr_d: float = Field(default=1e-4, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: G's lr decays to 2% over the run
+    # an exponential moving average of G's weights (decay per step; warmed up as (1 + step) / (10 + step) early on):
+    # validated, checkpointed as the generator, registered and served instead of the raw weights.  None: off
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     adversarial_start: float = Field(default=0.0, ge=0.0, lt=1.0)  # fraction of the run before the Ds join
     bf16: bool = True  # bf16 autocast of G and both Ds where the device has bf16 (GPU, or a CPU with bf16 instructions)
     # torch.compile of G and both Ds ("reduce-overhead" adds CUDA graphs); a compile failure warns and runs eager

@@ -146,6 +146,16 @@ def _budget(minutes: float | None, steps: int | None) -> tuple[float, int]:
     return (minutes * 60 if minutes else math.inf), (steps or 10 ** 9)
 
 
+def _autocast():
+    """bf16 autocast where the CPU has bf16 instructions (as training G does), else nothing."""
+    from contextlib import nullcontext
+
+    from prouigan.training import autocast_dtype
+
+    dtype, _ = autocast_dtype(torch.device("cpu"), True)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+
+
 def _set_threads() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else os.cpu_count() or 1))
@@ -157,7 +167,7 @@ def align_parsing_face(rgb: np.ndarray, mask: np.ndarray, size: int = 128) -> tu
     from prouigan.align import align_quad, quad_from_points
     from prouigan_platform.detection import detect
 
-    found = detect(rgb)
+    found = detect(rgb, upsample=1)  # the faces fill the photo: no enlarged pass for tiny ones
     if not found:
         return "no face found by yunet"
     d = max(found, key=lambda d: d.width)
@@ -254,7 +264,8 @@ def train_parser(folder: Path, minutes: float | None = 10.0, steps: int | None =
         x, y = _augment(x_tr[idx].float() / 255, y_tr[idx], gen)
         for g in opt.param_groups:
             g["lr"] = _cosine(lr, done)
-        loss = F.cross_entropy(model(x), y, ignore_index=IGNORE)
+        with _autocast():
+            loss = F.cross_entropy(model(x).float(), y, ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -386,7 +397,8 @@ def train_expression(manifest_uri: str, attributes: Path | None = None, minutes:
         x, _ = _augment(x, None, gen)
         for g in opt.param_groups:
             g["lr"] = _cosine(lr, done)
-        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        with _autocast():
+            loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

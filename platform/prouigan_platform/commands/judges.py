@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from prouigan_platform import judging
 from prouigan_platform.config import config_from_args
-from prouigan_platform.errors import UserError
 
 
 def run(args) -> int:
     if args.action == "list":
         return _list()
-    if args.kind is None:
-        raise UserError("judges train: name the judge: parser or expression", code=2)
     minutes = args.minutes if args.minutes is not None or args.steps else 10.0
     if args.kind == "parser":
         j = judging.train_parser(args.parsing, minutes=minutes, steps=args.steps, seed=args.seed)

@@ -13,6 +13,7 @@ worker of each node logs the node's system metrics to the run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -195,6 +196,15 @@ def data_tags(read: set[str], skipped: set[str]) -> dict[str, str]:
             "data_shards_skipped": ",".join(sorted(skipped))[:tracking.ERROR_CHARS]}
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters averaged, buffers copied."""
+    e, m = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+    for b_e, b_m in zip(ema.buffers(), model.buffers(), strict=True):
+        b_e.copy_(b_m)
+
+
 def _state(module) -> dict:
     return {k: v.detach().cpu() for k, v in unwrap(module).state_dict().items()}
 
@@ -299,6 +309,8 @@ class WorkerRun:
         gcfg = GeneratorConfig.from_dict(state["generator_config"]) if state is not None \
             else generator_config(cfg.model.preset, cfg.model.overrides)
         g = ProUIGANGenerator(gcfg)
+        # the weights validated, checkpointed as "generator" and registered: an average of G's, or G itself
+        self.g_ema = copy.deepcopy(g).to(device).eval().requires_grad_(False) if cfg.train.ema_decay else None
         d_global, d_local = build_discriminators(cfg.model.preset)
         loss_weights = LossWeights(**cfg.loss.model_dump(exclude={"vgg_weights"}))
         vgg, self.vgg_msg = perceptual_network(loss_weights, cfg.loss.vgg_weights)
@@ -334,12 +346,18 @@ class WorkerRun:
         """Weights and optimiser state from the checkpoint (or G from the model to fine-tune); -> (step, seconds
         trained before)."""
         if state is not None:
-            for module, key in ((self.g, "generator"), (self.d_global, "d_global"), (self.d_local, "d_local")):
+            # with EMA on, "generator" holds the average and "generator_raw" the weights G trains on
+            raw = "generator_raw" if "generator_raw" in state else "generator"
+            for module, key in ((self.g, raw), (self.d_global, "d_global"), (self.d_local, "d_local")):
                 unwrap(module).load_state_dict(state[key])
+            if self.g_ema is not None:
+                self.g_ema.load_state_dict(state["generator"])
             self.step_fn.load_state_dict(state["optimizers"])
             return int(state["step"]), float(state.get("elapsed_s", 0.0))
         if self.loop_config.get("init_generator") is not None:  # fine-tuning (retrain): G starts from a given model
             unwrap(self.g).load_state_dict(self.loop_config["init_generator"])
+        if self.g_ema is not None:
+            self.g_ema.load_state_dict(unwrap(self.g).state_dict())
         return 0, 0.0
 
     def _say_hello(self, state: dict | None) -> None:
@@ -388,6 +406,8 @@ class WorkerRun:
         self.shards_skipped.update(n for names in raw.pop("skipped") for n in names.split(",") if n)
         batch = device_batch(raw, self.device, cfg, self.aug_rng)
         logs = step_fn.step(batch)
+        if self.g_ema is not None:
+            update_ema(self.g_ema, unwrap(self.g), min(cfg.train.ema_decay, (1 + step) / (10 + step)))
         if step == self.start + 1 and self.rank == 0 and cfg.train.compile != "off":
             print(f"[train] torch.compile ({cfg.train.compile}): " + ", ".join(
                 f"{name} {fw.running}" for name, fw in step_fn.forwards.items()), flush=True)
@@ -407,11 +427,16 @@ class WorkerRun:
         return step % t.val_every == 0 or self.finished, step % t.checkpoint_every == 0 or self.finished
 
     def validate(self, step: int) -> dict:
-        self.last_val = {**validate(self.g, self.val_loader, self.device, self.cfg.data.heatmap_sigma),
+        self.last_val = {**validate(self.served, self.val_loader, self.device, self.cfg.data.heatmap_sigma),
                          "val_step": step}
         if self.printer is not None:
             self.printer.validation(step, self.last_val)
         return self.last_val
+
+    @property
+    def served(self):
+        """The generator that is validated, checkpointed as "generator" and registered."""
+        return self.g if self.g_ema is None else self.g_ema
 
     def shards(self) -> tuple[set[str], set[str]]:
         """(read, skipped) train shards of every worker (a collective: every rank calls it)."""
@@ -433,7 +458,8 @@ class WorkerRun:
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoints.write(Path(tmp), {
-                    **generator_state(self.g), "d_global": _state(self.d_global), "d_local": _state(self.d_local),
+                    **generator_state(self.served), "d_global": _state(self.d_global), "d_local": _state(self.d_local),
+                    **({"generator_raw": _state(self.g)} if self.g_ema is not None else {}),
                     "optimizers": self.step_fn.state_dict(), "step": step, "config": self.loop_config["config"],
                     "elapsed_s": self.elapsed(), "shards_read": sorted(read), "shards_skipped": sorted(skipped),
                     "manifest_digest": self.manifest.digest or mf.digest(self.manifest)})
@@ -449,7 +475,7 @@ class WorkerRun:
             skip_val = self.loop_config.get("validation_logged")
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step" and not k.startswith("train_")
                                       and not (skip_val and k.startswith("val_"))}, step)
-            self.tracker.log_image(image_grid(self.g, self.grid_batch, self.device), "val_grid", step)
+            self.tracker.log_image(image_grid(self.served, self.grid_batch, self.device), "val_grid", step)
 
     def close(self, step: int) -> None:
         if self.system is not None:
