@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROUIGAN = [sys.executable, "-m", "prouigan_platform.cli"]
-METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance")
+METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "parse_f1", "expression_accuracy")
 
 
 def _echo(cmd: list[str]) -> str:
@@ -95,13 +95,15 @@ def main() -> int:
             m = json.loads((out / "metrics.json").read_text())
             rows.setdefault(source or "all", {})[cfg] = {"step": int(step), "steps": steps_done, "faces": m["faces"],
                                                          "model": m["methods"]["model"],
-                                                         "bicubic": m["methods"]["bicubic"]}
+                                                         "bicubic": m["methods"]["bicubic"],
+                                                         "original": m["methods"].get("original", {})}
     for source, by_cfg in rows.items():
         any_row = next(iter(by_cfg.values()))
         print(f"\ntest split of source {source} ({any_row['faces']} faces):")
         print(f"  {'method':<24}{'steps':>7}{'best@':>7}" + "".join(f"{k:>19}" for k in METRICS))
-        print(f"  {'bicubic':<24}{'':>7}{'':>7}" + "".join(f"{any_row['bicubic'].get(k, float('nan')):>19.4f}"
-                                                         for k in METRICS))
+        for ref in ("bicubic", "original"):
+            print(f"  {ref:<24}{'':>7}{'':>7}" + "".join(f"{any_row[ref].get(k, float('nan')):>19.4f}"
+                                                       for k in METRICS))
         for cfg, r in by_cfg.items():
             print(f"  {cfg:<24}{r['steps']:>7}{r['step']:>7}" + "".join(f"{r['model'].get(k, float('nan')):>19.4f}"
                                                                         for k in METRICS))

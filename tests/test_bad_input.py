@@ -218,3 +218,26 @@ def test_judges_train_without_a_judge_with_no_time_or_on_a_folder_that_is_not_a_
     _one_line_error(_run("judges", "train", "parser", "--parsing", str(tmp_path), "--steps", "1", env=env), 2,
                     "is not a parsing folder")
     assert not (tmp_path / "state" / "store" / "judges").exists()  # nothing half-written
+
+
+def test_a_fifo_among_the_inputs_is_refused_at_once_not_read_forever(thumbs, checkpoint, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in thumbs.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    os.mkfifo(src / "x.png")  # opening it for reading would block until a writer comes
+    out = _run("hallucinate", "--model", str(checkpoint), "--input", str(src), "--output", str(tmp_path / "o"),
+               timeout=60)
+    _one_line_error(out, 2, "x.png is a FIFO, not a regular file")
+    assert not (tmp_path / "o").exists()
+    out = _run("restore", str(src / "x.png"), "-o", str(tmp_path / "r"), "--model", str(checkpoint), timeout=60)
+    _one_line_error(out, 2, "x.png is a FIFO, not a regular file")
+
+
+def test_a_photo_of_more_than_100_megapixels_is_refused_from_its_header(checkpoint, tmp_path):
+    huge = tmp_path / "huge.png"
+    Image.new("1", (10_001, 10_001)).save(huge)  # 100.02 MP, a few KB on disk
+    out = _run("restore", str(huge), "-o", str(tmp_path / "r"), "--model", str(checkpoint), "--upscale", "1",
+               "--max-megapixels", "1000")
+    _one_line_error(out, 2, "10001x10001 pixels", "refused before decoding")
+    assert not (tmp_path / "r").exists()

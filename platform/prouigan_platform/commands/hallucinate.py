@@ -17,6 +17,7 @@ from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
 from prouigan_platform.storage import write_png
+from prouigan_platform.user_files import open_image
 
 EXTS = {".png", ".jpg", ".jpeg"}
 
@@ -43,11 +44,9 @@ def run(args) -> int:
     thumbs, bad = [], []
     for f in files:
         try:
-            im = Image.open(f)
-            im.load()
-            im = im.convert("RGB")
-        except Exception as e:
-            bad.append(f"{f.name}: not a readable image ({type(e).__name__})")
+            im = open_image(f, "input").convert("RGB")
+        except UserError as e:
+            bad.append(str(e))  # names the file and why
             continue
         if im.size != (16, 16):
             if not args.resize:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,17 +34,14 @@ from prouigan_platform.detection import DEFAULT_THRESHOLD, DEFAULT_UPSAMPLE, Det
 from prouigan_platform.errors import UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.storage import write_bytes_atomic, write_png
+from prouigan_platform.user_files import MAX_IMAGE_PIXELS, open_image, regular_file
 
 REACH = {"yunet": "faces under about 10 px wide (5 px between the eyes)",
          "dlib": "faces under about 40 px wide (80 px with --upsample 1 ... 20 px with --upsample 2)"}
 
 
 def _thumbnail(path) -> np.ndarray:
-    try:
-        im = Image.open(path)
-        im.load()
-    except Exception as e:
-        raise UserError(f"--thumbnail {path} is not a readable image ({type(e).__name__})", code=2) from None
+    im = open_image(path, "--thumbnail")
     if im.size != (16, 16):
         raise UserError(f"--thumbnail {path} is {im.size[0]}x{im.size[1]}, expected 16x16", code=2)
     return np.asarray(im.convert("RGB"))
@@ -78,7 +76,10 @@ def _sizes(args) -> dict[Path, tuple[int, int] | None]:
     sizes = {}
     for path in args.photos:
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():  # the size is checked below, against our own limit
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
                 w, h = im.size
                 if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                     w, h = h, w  # EXIF-rotated a quarter turn: the photo as shown
@@ -89,6 +90,10 @@ def _sizes(args) -> dict[Path, tuple[int, int] | None]:
     for path, size in sizes.items():
         if size is None:
             continue
+        if size[0] * size[1] > MAX_IMAGE_PIXELS:
+            raise UserError(f"photo {path} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} MP); the "
+                            f"limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP: refused before decoding; nothing written",
+                            code=2)
         n = 1 if args.upscale == "auto" else args.upscale
         if size[0] * size[1] * n * n > cap:
             what = f"x{n} makes it {size[0] * n}x{size[1] * n}" if n > 1 else "it is"
@@ -117,14 +122,13 @@ def _record(path: Path, args, rgb: np.ndarray, faces, upscale: int, why: str) ->
 
 
 def _load(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
+    with open_image(path, "photo") as im:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def run(args) -> int:
-    missing = [str(p) for p in args.photos if not p.is_file()]
-    if missing:
-        raise UserError(f"not found (or not a regular file): {', '.join(missing)}")
+    for p in args.photos:
+        regular_file(p, "photo")
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder")
     _check_outputs(args)

@@ -24,13 +24,14 @@ RECORD_FILE = "complete.json"
 
 
 def write(folder: Path, state: dict) -> None:
-    """``state.pt``, then the record that says it is whole."""
-    path = Path(folder) / CHECKPOINT_FILE
-    torch.save(state, path)
-    data = path.read_bytes()
-    (Path(folder) / RECORD_FILE).write_text(json.dumps(
+    """``state.pt``, then the record that says it is whole: each written whole (fsync'd, then renamed into place)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    storage.write_bytes_atomic(str(Path(folder) / CHECKPOINT_FILE), data)
+    storage.write_bytes_atomic(str(Path(folder) / RECORD_FILE), json.dumps(
         {"file": CHECKPOINT_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-         "step": state.get("step")}))
+         "step": state.get("step")}).encode())
 
 
 def torn(uri: str) -> str | None:

@@ -181,6 +181,9 @@ def _register(cfg: Config, manifest: mf.Manifest, result, run_id: str | None) ->
         out["version"] = tags["registered_version"]
         return out
     with best[0].as_directory() as d:
+        if (why := checkpoints.torn(str(d))) is not None:  # the bytes registered are the ones training recorded
+            raise UserError(f"the best checkpoint {ckpt_uri} is torn ({why}); nothing registered. Re-run the same "
+                            "command to resume from the newest complete checkpoint")
         version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model,
                                    card=ModelCard(cfg, manifest, best[1], run_id, ckpt_uri))
     uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
