@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from prouigan.presets import PRESETS, generator_config
 from prouigan.vocabulary import GATE_METRICS, OCCLUSION_KINDS, SEARCH_METRICS
-from prouigan_platform.paths import expand
+from prouigan_platform.paths import expand, redact
 
 
 def config_dir() -> Path:
@@ -308,15 +308,26 @@ class Config(_Section):
                              "(it becomes a folder and an MLflow tag)")
         return v
 
-    def to_flat_dict(self) -> dict[str, Any]:
-        """``{"train.steps": 2000, ...}``: what MLflow logs as params."""
-        return _flatten(self.model_dump(mode="json"))
+    def to_flat_dict(self, redacted: bool = False) -> dict[str, Any]:
+        """``{"train.steps": 2000, ...}``: what MLflow logs as params (``redacted``: credentials in URLs masked)."""
+        flat = _flatten(self.model_dump(mode="json"))
+        return {k: redact(v) if redacted and isinstance(v, str) else v for k, v in flat.items()}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, redacted: bool = False) -> str:
+        """The resolved config as YAML (``redacted``: credentials in URLs masked, for what is logged anywhere)."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(_redact_tree(data) if redacted else data, sort_keys=False)
+
+
+def _redact_tree(v):
+    if isinstance(v, dict):
+        return {k: _redact_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_redact_tree(x) for x in v]
+    return redact(v) if isinstance(v, str) else v
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -446,16 +457,39 @@ def _check_model_overrides(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.overrides': {e.args[0] if e.args else e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, validate.  Raises ConfigError."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, trusted: bool = True) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate.  Raises ConfigError.
+
+    ``trusted=False``: a config this platform wrote and reads back from somewhere others can write (a search's
+    best.yaml in MLflow): it is taken as the resolved config it should be, and a ``${VAR}`` or an ``extends`` in it
+    is refused: expanded, ``${AWS_SECRET_ACCESS_KEY}`` in a path would carry the secret into the run's params and
+    wherever the path points.  The user's own overrides are expanded as ever."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         resolved = resolve_config_path(path)
-        data = _read_yaml(resolved)
+        data = _read_yaml(resolved) if trusted else _read_untrusted(resolved)
         source = str(resolved)
     data = apply_overrides(data, list(overrides or []))
     return validate(data, source)
+
+
+def _read_untrusted(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (UnicodeDecodeError, yaml.YAMLError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable YAML config ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a YAML mapping")
+    if "extends" in data:
+        raise ConfigError(f"{path}: 'extends' in a config read back from MLflow is refused (it would read a file "
+                          "of this machine)")
+    for key, value in _flatten(data).items():
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(t, str) and "${" in t for t in texts):
+            raise ConfigError(f"{path}: '{key}' names a variable ({value!r}); a config read back from MLflow is "
+                              "never expanded (it could carry a secret of this environment into the run)")
+    return data
 
 
 def config_from_args(args) -> Config:

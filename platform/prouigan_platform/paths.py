@@ -48,3 +48,15 @@ def expand(value: str) -> str:
         return os.environ[name]
 
     return _VAR.sub(sub, value)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]*)@")
+_SECRET_PARAM = re.compile(r"(?P<key>[?&;](?:[A-Za-z0-9_.-]*(?:secret|password|passwd|token|access_key|"
+                           r"session_key|credential|signature)[A-Za-z0-9_.-]*))=(?P<value>[^&;#\s]*)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """A string with the credentials a URL may carry masked: the password of ``scheme://user:password@host`` and the
+    value of query parameters named like a secret (``secret_key=``, ``token=``, ``password=``, ...)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}=***", text)

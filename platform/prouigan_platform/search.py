@@ -223,10 +223,11 @@ def run_search(cfg, manifest: mf.Manifest, out_dir: Path) -> SearchOutcome:
         outcome.best = max(finished, key=lambda t: t.value)
         out_dir.mkdir(parents=True, exist_ok=True)
         outcome.best_yaml = out_dir / "best.yaml"
-        outcome.best_yaml.write_text(best_config(cfg, outcome.best.params).to_yaml())
+        best = best_config(cfg, outcome.best.params)
+        outcome.best_yaml.write_text(best.to_yaml())
         if parent:
             client = mlflow.MlflowClient()
-            client.log_artifact(parent, str(outcome.best_yaml))
+            client.log_text(parent, best.to_yaml(redacted=True), "best.yaml")  # credentials in URLs masked
             client.log_metric(parent, f"best_{cfg.tune.metric}", outcome.best.value)
             for k, v in outcome.best.params.items():
                 client.set_tag(parent, f"best.{k}", f"{v:.6g}")

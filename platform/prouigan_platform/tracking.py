@@ -70,12 +70,13 @@ def experiment_id(name: str) -> str:
 
 
 def log_config(run_id: str, config: Config) -> None:
-    """The whole resolved config: flat params (dotted keys), config.yaml and its digest."""
+    """The whole resolved config: flat params (dotted keys), config.yaml and its digest; credentials in URLs masked
+    (``paths.redact``)."""
     client = mlflow.MlflowClient()
-    params = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in config.to_flat_dict().items()]
+    params = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in config.to_flat_dict(redacted=True).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
-    client.log_text(run_id, config.to_yaml(), "config.yaml")
+    client.log_text(run_id, config.to_yaml(redacted=True), "config.yaml")
     client.set_tag(run_id, TAG_CONFIG_DIGEST, config.digest())
 
 
