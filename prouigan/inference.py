@@ -11,6 +11,9 @@ from prouigan.generator import GeneratorOutput, ProUIGANGenerator, unwrap
 from prouigan.presets import GeneratorConfig
 
 CHECKPOINT_FORMAT = "prouigan-generator/1"
+# a generator of more parameters than this is refused before it is built: every field of a crafted config can be
+# within its own bound while their product asks for tens of GB (gpu-paper has 15.6 M, cpu-small 1.45 M)
+MAX_PARAMETERS = 200_000_000
 
 
 def generator_state(generator: ProUIGANGenerator) -> dict:
@@ -22,6 +25,28 @@ def generator_state(generator: ProUIGANGenerator) -> dict:
 
 def save_generator(generator: ProUIGANGenerator, path: str | Path) -> None:
     torch.save(generator_state(generator), path)
+
+
+def check_shapes(cfg: GeneratorConfig, weights: dict, where: str = "the checkpoint") -> None:
+    """Before a generator is built for real: its parameter count is bounded (``MAX_PARAMETERS``) and the
+    checkpoint's tensors have the shapes the config asks for, checked on a generator built on the meta device (no
+    memory).  ValueError naming the first difference."""
+    with torch.device("meta"):
+        g = ProUIGANGenerator(cfg)
+    n = sum(p.numel() for p in g.parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"{where}: its generator config asks for {n / 1e6:,.0f} M parameters (the limit is "
+                         f"{MAX_PARAMETERS / 1e6:.0f} M): refused before building it")
+    want = g.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(want):
+        missing, extra = sorted(set(want) - set(weights or {})), sorted(set(weights or {}) - set(want))
+        raise ValueError(f"{where}: its weights do not match its generator config (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]})")
+    for k, t in want.items():
+        got = weights[k]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(t.shape):
+            raise ValueError(f"{where}: weight {k} is {tuple(getattr(got, 'shape', ()))}, its generator config "
+                             f"makes it {tuple(t.shape)}")
 
 
 class Hallucinator:
@@ -37,7 +62,9 @@ class Hallucinator:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "generator" not in state or "generator_config" not in state:
             raise ValueError(f"{path} is not a Pro-UIGAN generator checkpoint (no 'generator'/'generator_config')")
-        g = ProUIGANGenerator(GeneratorConfig.from_dict(state["generator_config"]))
+        cfg = GeneratorConfig.from_dict(state["generator_config"])
+        check_shapes(cfg, state["generator"], str(path))
+        g = ProUIGANGenerator(cfg)
         g.load_state_dict(state["generator"])
         return cls(g, device)
 
@@ -64,9 +91,13 @@ class Hallucinator:
         maps = [torch.cat([o.heatmaps[s] for o in outs]).float().cpu() for s in range(len(outs[0].heatmaps))]
         return GeneratorOutput(images, maps)
 
+    @torch.inference_mode()
     def __call__(self, lr, batch_size: int = 64) -> torch.Tensor:
-        """(B, 3, 128, 128) float in [0, 1]."""
-        return self.run(lr, batch_size).final
+        """(B, 3, 128, 128) float in [0, 1]: the final stage only (the others and the heatmaps are dropped batch by
+        batch, so a large request holds one batch's worth of them at a time)."""
+        x = self.to_tensor(lr)
+        return torch.cat([self.generator(x[i:i + batch_size].to(self.device)).images[-1].clamp(0, 1).cpu()
+                          for i in range(0, len(x), batch_size)])
 
     def to_uint8(self, lr, batch_size: int = 64) -> np.ndarray:
         """(B, 128, 128, 3) uint8."""

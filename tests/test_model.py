@@ -19,6 +19,7 @@ from prouigan import (
 )
 from prouigan.attention import CrossModalAttention
 from prouigan.discriminators import crop, local_crop_boxes
+from prouigan.inference import generator_state
 from prouigan.landmarks import heatmaps
 from prouigan.losses import VGGFeatures, perceptual_network
 from prouigan.training import channels_last_batch
@@ -183,6 +184,31 @@ def test_hallucinator_rejects_other_files(tmp_path):
     torch.save({"weights": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a Pro-UIGAN generator checkpoint"):
         Hallucinator.load(tmp_path / "x.pt")
+
+
+def test_a_crafted_checkpoint_is_refused_before_its_generator_is_built(tmp_path, tiny):
+    """Every field within its own bound, their product ~15 G parameters: refused from a generator built on the meta
+    device (no memory), as is a checkpoint whose tensors are not the shapes its config makes."""
+    state = generator_state(tiny)
+    state["generator_config"] = {**state["generator_config"], "channels": [2048, 2048, 2048], "blocks": [64, 64, 64]}
+    torch.save(state, tmp_path / "huge.pt")
+    with pytest.raises(ValueError, match=r"asks for [\d,]+ M parameters \(the limit is 200 M\)"):
+        Hallucinator.load(tmp_path / "huge.pt")
+    state = generator_state(tiny)
+    key = next(iter(state["generator"]))
+    state["generator"][key] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / "bent.pt")
+    with pytest.raises(ValueError, match=f"weight {key} is \\(2, 2\\)"):
+        Hallucinator.load(tmp_path / "bent.pt")
+
+
+def test_a_served_request_is_capped_before_anything_is_decoded():
+    from mlflow.exceptions import MlflowException
+
+    from prouigan_platform.serving import MAX_FACES, as_faces
+
+    with pytest.raises(MlflowException, match=f"{MAX_FACES + 1} faces in one request; the limit is {MAX_FACES}"):
+        as_faces(["not even an image"] * (MAX_FACES + 1))
 
 
 def test_external_frozen_prior_replaces_the_learned_one():

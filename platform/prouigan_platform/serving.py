@@ -9,7 +9,8 @@ What it takes (``mlflow models serve``: ``{"inputs": [...]}``; in Python: ``mode
   in JSON);
 - arrays: integers 0-255 shaped (B, 16, 16, 3) -> a uint8 array (B, 128, 128, 3).
 
-A bad input is an MLflow error with one line (HTTP 400), never a stack trace.
+A bad input is an MLflow error with one line (HTTP 400), never a stack trace; more than ``MAX_FACES`` faces in one
+request is one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image, UnidentifiedImageError
 
 SIZE = 16
+MAX_FACES = 1024  # faces in one request: more is refused before anything is decoded (each one costs ~1 MB of work)
 
 
 def bad_input(message: str) -> MlflowException:
@@ -66,6 +68,9 @@ def as_faces(model_input) -> tuple[np.ndarray, bool]:
         model_input = list(model_input["image"])
     if isinstance(model_input, (str, bytes, bytearray)):
         model_input = [model_input]
+    n = len(model_input) if hasattr(model_input, "__len__") else 0
+    if n > MAX_FACES:
+        raise bad_input(f"{n} faces in one request; the limit is {MAX_FACES}: send them in several requests")
     if isinstance(model_input, (list, tuple)) and model_input and all(
             isinstance(x, (str, bytes, bytearray)) for x in model_input):
         return np.stack([decode_image(x, i) for i, x in enumerate(model_input)]), True
