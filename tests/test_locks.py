@@ -50,3 +50,39 @@ def test_a_dead_holders_lock_is_taken_over_and_the_late_holder_cannot_release_it
     assert not dead.renew() and dead.lost
     taker.release()
     assert taker.holder() is None
+
+
+def test_an_expired_lock_that_cannot_be_removed_is_waited_on_within_the_deadline_not_spun_on(root, monkeypatch):
+    """Someone else replaced the expired record first, again and again (or the delete keeps failing): the taker waits
+    between tries and gives up at its deadline; a store that denies the delete is one PermissionError."""
+    dead = Lock(f"{root}/c.lock", lease_s=0.2, purpose="crashed", heartbeat=False)
+    assert dead.acquire()
+    time.sleep(0.4)  # its lease has run out
+    taker = Lock(f"{root}/c.lock", lease_s=30, purpose="next")
+    tries = []
+    monkeypatch.setattr(taker, "_delete_if", lambda rec: tries.append(rec) or False)
+    t0 = time.monotonic()
+    assert not taker.acquire(wait_s=1.0, poll_s=0.25)
+    assert 1.0 <= time.monotonic() - t0 < 3 and 3 <= len(tries) <= 6  # one try per poll, not thousands
+
+    def denied(rec):
+        raise PermissionError(f"{taker.uri}: the expired lock cannot be removed (AccessDenied)")
+
+    monkeypatch.setattr(taker, "_delete_if", denied)
+    with pytest.raises(PermissionError, match="AccessDenied"):
+        taker.acquire(wait_s=5)
+    dead.release()
+
+
+def test_moving_a_shard_into_place_never_overwrites_the_winners(root):
+    """The shard fence's last step: a stale shard run whose move comes after the winner's is refused by the store
+    itself (S3: a conditional write, If-None-Match: *), and the winner's bytes stay."""
+    from prouigan_platform import storage
+
+    storage.write_bytes_atomic(f"{root}/tmp/a.tar", b"winner")
+    storage.move_exclusive(f"{root}/tmp/a.tar", f"{root}/shards/train-000000.tar")
+    assert not storage.exists(f"{root}/tmp/a.tar")
+    storage.write_bytes_atomic(f"{root}/tmp/b.tar", b"stale")
+    with pytest.raises(FileExistsError):
+        storage.move_exclusive(f"{root}/tmp/b.tar", f"{root}/shards/train-000000.tar")
+    assert storage.read_bytes(f"{root}/shards/train-000000.tar") == b"winner"

@@ -109,21 +109,30 @@ class Lock:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _delete_if(self, rec: dict) -> None:
-        """Delete the lock object if it is still exactly ``rec`` (same ETag on S3, same token locally)."""
+    def _delete_if(self, rec: dict) -> bool:
+        """Delete the lock object if it is still exactly ``rec`` (same ETag on S3, same token locally); True when it
+        is gone.  A store that denies the delete is a PermissionError naming the lock (retrying would not help)."""
         if storage.is_s3(self.uri):
             bucket, key = storage.split_s3(self.uri)
             try:
                 storage.boto3_client().delete_object(Bucket=bucket, Key=key, IfMatch=rec["_etag"])
-            except ClientError:
-                pass  # someone else removed or replaced it first
-            return
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code in ("AccessDenied", "AllAccessDisabled", "403"):
+                    raise PermissionError(f"{self.uri}: the expired lock cannot be removed ({code}): this "
+                                          "identity may not delete it") from None
+                return False  # someone else removed or replaced it first
+            return True
         with self._guard():
             try:
                 if json.loads(Path(self.uri).read_bytes()).get("token") == rec.get("token"):
                     Path(self.uri).unlink()
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+                    return True
+                return False
+            except FileNotFoundError:
+                return True
+            except json.JSONDecodeError:
+                return False
 
     def check(self) -> None:
         """Fencing: raise ``LockLost`` unless the lock still holds this holder's token.  Call right before a commit."""
@@ -144,9 +153,9 @@ class Lock:
                     self._start_heartbeat()
                 return True
             rec = self.holder()
-            if rec is not None and rec.get("expires", 0) < time.time():
-                self._delete_if(rec)  # the holder died (its heartbeat stopped): take over
-                continue
+            if rec is not None and rec.get("expires", 0) < time.time() and self._delete_if(rec):
+                continue  # the holder died (its heartbeat stopped): take over at once
+            # held, or an expired record someone else replaced first: wait, within the deadline, never spin
             if time.time() >= deadline:
                 return False
             time.sleep(poll_s)

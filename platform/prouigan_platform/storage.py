@@ -119,8 +119,13 @@ def create_exclusive(uri: str, data: bytes) -> None:
         try:
             boto3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise FileExistsError(f"{uri} already exists") from None
+            if code in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                raise RuntimeError(f"{uri}: the S3 store refused a conditional write (If-None-Match: *, {code}); the "
+                                   "platform's fences (dataset versions, shards, locks) need a store that checks "
+                                   "it (AWS S3, MinIO, Ceph RGW ...)") from None
             raise
         return
     _, path = filesystem(uri)
@@ -135,12 +140,13 @@ def create_exclusive(uri: str, data: bytes) -> None:
 
 
 def move_exclusive(src: str, dst: str) -> None:
-    """Move an object to a name that must be free (FileExistsError otherwise): never overwrites."""
+    """Move an object to a name that must be free (FileExistsError otherwise): never overwrites.  On S3 the write
+    is conditional (``If-None-Match: *``): a stale writer that checked before the winner wrote is refused by the
+    store itself, not by a check that could be out of date."""
     if is_s3(dst):
-        if exists(dst):
-            raise FileExistsError(f"{dst} already exists")
-        fs, _ = filesystem(dst)
-        fs.move(filesystem(src)[1], filesystem(dst)[1])
+        create_exclusive(dst, read_bytes(src))
+        fs, path = filesystem(src)
+        fs.delete_file(path)
         return
     s, d = filesystem(src)[1], filesystem(dst)[1]
     os.makedirs(os.path.dirname(d), exist_ok=True)
