@@ -226,3 +226,24 @@ def test_a_private_local_ray_wants_a_token_of_its_own_that_only_this_user_reads(
         proc.communicate("\n", timeout=120)
     assert proc.returncode == 0
     assert not os.path.exists(token_path)  # removed with the process
+
+
+def test_the_state_folder_and_all_it_holds_are_this_users_alone(stack, tmp_path):
+    """The registry database, the token, the logs, the S3 snapshot: 0700 folders, 0600 files; a state folder from
+    before the rule is tightened at the next `up`."""
+    from pathlib import Path
+
+    root = Path(stack.state_dir)
+    assert oct(root.stat().st_mode & 0o777) == "0o700"
+    opened = [(str(p), oct(p.stat().st_mode & 0o777)) for p in root.rglob("*")
+              if not p.is_symlink() and p.exists() and p.stat().st_mode & 0o077]
+    assert opened == [], opened[:5]
+    assert any(p.name.endswith(".db") for p in root.rglob("*"))  # the registry's database is among them
+    old = tmp_path / "old-state"
+    (old / "store" / "datasets").mkdir(parents=True)
+    (old / "store" / "datasets" / "v0001.json").write_text("{}")
+    os.chmod(old / "store" / "datasets" / "v0001.json", 0o644)
+    os.chmod(old / "store", 0o755)
+    st.private(old)
+    assert oct((old / "store").stat().st_mode & 0o777) == "0o700"
+    assert oct((old / "store" / "datasets" / "v0001.json").stat().st_mode & 0o777) == "0o600"

@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the run's address
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     stop_on_sigterm()  # a SIGTERM (`ray job stop`, a scheduler) unwinds like Ctrl-C: runs end KILLED, locks freed
+    os.umask(0o077)  # private by default: what a command writes (shards, checkpoints, reports) is this user's alone
     try:
         if args.command in USES_STACK:
             # before Ray or MLflow is imported: Ray reads its auth settings (RAY_AUTH_MODE, the token path) once

@@ -453,6 +453,19 @@ def check_host(host: str) -> None:
                          code=2)
 
 
+def private(root: Path) -> None:
+    """The state folder and all it holds (the registry database, the store's shards and checkpoints, logs, the
+    token) readable by this user only: folders 0700, files 0600 (a state folder from before this rule is
+    tightened at the next ``up``).  Other local users could otherwise rewrite a registered model's files."""
+    root = Path(root)
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, 0o700)
+        for f in files:
+            p = os.path.join(folder, f)
+            if not os.path.islink(p):
+                os.chmod(p, os.stat(p).st_mode & 0o700)
+
+
 def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     """Start whatever of the stack is not running; wait until all of it is healthy."""
     check_host(spec.host)
@@ -463,10 +476,12 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
             log(f"stack in {spec.state_dir} is already running with its recorded settings; using those")
         spec = old_spec
     dead = [n for n, r in services.items() if alive(r) is None]
+    os.umask(0o077)  # what this process and the services it starts write: this user's alone
     for sub in ("logs", "mlflow"):
         (spec.state_dir / sub).mkdir(parents=True, exist_ok=True)
     if not spec.s3:
         Path(spec.store).mkdir(parents=True, exist_ok=True)
+    private(spec.state_dir)
     if dead:
         _report_unclean_stop(spec, dead, log)
     _ray_token(spec)
