@@ -282,3 +282,34 @@ def test_restore_uses_the_thumbnail_the_user_gives(stack, shared_faces, tmp_path
     out = run_cli(stack, "restore", str(photo), "-o", str(tmp_path / "x"), "--model", model,
                   "--thumbnail", str(tmp_path / "wide.png"))
     assert out.returncode == 2 and "expected 16x16" in out.stderr
+
+
+def test_a_registered_versions_files_changed_in_the_artifact_store_are_refused_before_loading(stack, tmp_path):
+    """At registration the sha256 of every file of the version is recorded (in the platform's store, and its digest
+    as a version tag); a load checks them first: `serving.py` rewritten in the artifact store (the code MLflow would
+    run) is refused in one line, nothing of the version loaded."""
+    from prouigan_platform import registry, storage
+    from prouigan_platform.errors import UserError
+
+    name = "prouigan-files-test"
+    number = _register(stack, "good", tmp_path, model=name)
+    client = mlflow.MlflowClient(stack.mlflow_uri)
+    v = client.get_model_version(name, number)
+    rec = json.loads(storage.read_bytes(registry._record_uri(name, number)))
+    assert {"MLmodel", "artifacts/generator.pt"} <= set(rec["files"])
+    assert any(k.endswith("serving.py") for k in rec["files"])
+    assert v.tags[registry.TAG_FILES] == registry._digest(rec["files"])
+    registry.resolve_model(f"models:/{name}/{number}")  # as registered: loads
+    loc = mlflow.get_logged_model(v.model_id).artifact_location
+    bucket, prefix = storage.split_s3(loc)
+    s3 = boto3_client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    code = next(k for k in keys if k.endswith("serving.py"))
+    s3.put_object(Bucket=bucket, Key=code, Body=b"import os; os.system('echo pwned')\n")
+    with pytest.raises(UserError, match=r"files are not the ones registered: .*serving\.py \(changed\)"):
+        registry.resolve_model(f"models:/{name}/{number}")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "in" / "t.png")
+    out = run_cli(stack, "hallucinate", "--model", f"models:/{name}/{number}", "--input", str(tmp_path / "in"),
+                  "--output", str(tmp_path / "out"))
+    assert out.returncode == 1 and "files are not the ones registered" in out.stderr, out.stderr[-2000:]

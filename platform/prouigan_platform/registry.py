@@ -11,7 +11,10 @@ and serve it) and tags.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -23,9 +26,11 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from prouigan.inference import Hallucinator
+from prouigan_platform import storage
 from prouigan_platform.config import Config
 from prouigan_platform.dataset.manifest import Manifest
 from prouigan_platform.errors import UserError
+from prouigan_platform.paths import store_root
 from prouigan_platform.tracking import dataset_name as tracking_dataset_name
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -130,12 +135,56 @@ def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias:
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    with tempfile.TemporaryDirectory() as tmp:  # what was stored, as the store holds it
+        files = files_sha256(Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp)))
     version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                          tags=card.tags() if card else None)
+                                          tags={**(card.tags() if card else {}), TAG_FILES: _digest(files)})
+    storage.create_exclusive(_record_uri(name, version.version), json.dumps(
+        {"name": name, "version": version.version, "source": info.model_uri, "files": files}, indent=1).encode())
     if card is not None:
         client.update_model_version(name, version.version, description=card.description(name, version.version))
     client.set_registered_model_alias(name, alias, version.version)
     return version
+
+
+TAG_FILES = "prouigan.files_sha256"  # on each version: the sha256 of its files' record (the record is in the store)
+
+
+def files_sha256(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``root`` (a model version's files as MLflow stores them)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _digest(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _record_uri(name: str, version: str | int) -> str:
+    """Where the platform keeps a version's file record: its own store (private), not the MLflow artifact store."""
+    return storage.join(store_root(), "registry", name, f"v{int(version):05d}.json")
+
+
+def verified_files(model: str, version, dst: Path) -> Path:
+    """A registered version's files downloaded to ``dst`` and checked against the sha256 recorded when it was
+    registered, before anything in them is loaded; a UserError naming the first file that changed (or was added or
+    removed).  A version registered before records existed is loaded with a warning."""
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(dst)))
+    uri = _record_uri(version.name, version.version)
+    if not storage.exists(uri):
+        print(f"[prouigan] WARNING: {model} (v{version.version}) has no file record in {uri} (registered before "
+              "records existed): its files cannot be checked", file=sys.stderr)
+        return root
+    want = json.loads(storage.read_bytes(uri))["files"]
+    have = files_sha256(root)
+    changed = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    tag = (version.tags or {}).get(TAG_FILES)
+    if changed or (tag is not None and tag != _digest(want)):
+        what = ", ".join(f"{k} ({'added' if k not in want else 'removed' if k not in have else 'changed'})"
+                         for k in changed[:3]) or f"its {TAG_FILES} tag"
+        raise UserError(f"{model} (v{version.version}): its files are not the ones registered: {what}; refused "
+                        "(nothing of it was loaded). Register it again from its checkpoint")
+    return root
 
 
 def resolve_device(device: str) -> str:
@@ -150,27 +199,31 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_model(model: str, device: str = "cpu") -> Hallucinator:
-    """A checkpoint path (local), a ``runs:/`` or ``models:/name@alias`` URI -> Hallucinator.
-    A model that does not exist or is not a generator checkpoint is a UserError naming it."""
-    if model.startswith(("runs:/", "models:/")):
+    """A checkpoint path (local), a ``runs:/`` or ``models:/name@alias`` URI -> Hallucinator.  A registered
+    version's files are checked against their record first (``verified_files``).  A model that does not exist or
+    is not a generator checkpoint is a UserError naming it."""
+    with tempfile.TemporaryDirectory(prefix="prouigan-model-") as tmp:
+        if model.startswith(("runs:/", "models:/")):
+            try:
+                if model.startswith("models:/"):
+                    version = registered_version(model)  # a missing name, version or alias: one clear line
+                    p = verified_files(model, version, Path(tmp)) / "artifacts" / "generator.pt"
+                else:
+                    p = Path(mlflow.artifacts.download_artifacts(
+                        artifact_uri=model.rstrip("/") + "/artifacts/generator.pt", dst_path=tmp))
+            except MlflowException as e:
+                raise UserError(f"model {model} not found in the registry: {e.message.splitlines()[0]}") from None
+        else:
+            p = Path(model)
+            if p.is_dir():
+                p = p / "state.pt"
+            if not p.is_file():
+                raise UserError(f"model not found: {model} (a checkpoint file or folder, runs:/... or models:/...)")
         try:
-            if model.startswith("models:/"):
-                registered_version(model)  # a missing name, version or alias: one clear line
-            path = mlflow.artifacts.download_artifacts(artifact_uri=model.rstrip("/") + "/artifacts/generator.pt")
-        except MlflowException as e:
-            raise UserError(f"model {model} not found in the registry: {e.message.splitlines()[0]}") from None
-        p = Path(path)
-    else:
-        p = Path(model)
-        if p.is_dir():
-            p = p / "state.pt"
-        if not p.is_file():
-            raise UserError(f"model not found: {model} (a checkpoint file or folder, runs:/... or models:/...)")
-    try:
-        return Hallucinator.load(p, device)
-    except Exception as e:  # a text file, a foreign pickle, a truncated download
-        raise UserError(f"{model} is not a Pro-UIGAN generator checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            return Hallucinator.load(p, device)
+        except Exception as e:  # a text file, a foreign pickle, a truncated download
+            raise UserError(f"{model} is not a Pro-UIGAN generator checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def registered_version(model: str):
