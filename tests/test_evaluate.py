@@ -189,12 +189,10 @@ def test_the_champion_serves_over_http(stack, faces, versions, tmp_path):
     client = mlflow.MlflowClient(stack.mlflow_uri)
     client.set_registered_model_alias(MODEL, "champion", versions["good"])
     port = free_port()
-    bindir = os.path.dirname(sys.executable)  # mlflow starts `uvicorn` from PATH, as in an activated venv
-    env = {**os.environ, **stack.env(), "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    cli = os.path.join(bindir, "mlflow")
-    proc = subprocess.Popen([cli, "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # as the docs tell a user: `prouigan serve` checks the version's files, then becomes `mlflow models serve`
+    proc = subprocess.Popen([sys.executable, "-m", "prouigan_platform.cli", "serve", "--model",
+                             f"models:/{MODEL}@champion", "--port", str(port)], env={**os.environ, **stack.env()},
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
         while True:
@@ -312,4 +310,6 @@ def test_a_registered_versions_files_changed_in_the_artifact_store_are_refused_b
     Image.new("RGB", (16, 16)).save(tmp_path / "in" / "t.png")
     out = run_cli(stack, "hallucinate", "--model", f"models:/{name}/{number}", "--input", str(tmp_path / "in"),
                   "--output", str(tmp_path / "out"))
+    assert out.returncode == 1 and "files are not the ones registered" in out.stderr, out.stderr[-2000:]
+    out = run_cli(stack, "serve", "--model", f"models:/{name}/{number}", "--port", "1")
     assert out.returncode == 1 and "files are not the ones registered" in out.stderr, out.stderr[-2000:]

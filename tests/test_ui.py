@@ -42,7 +42,7 @@ def test_the_registry_version_and_run_pages_show_aliases_card_and_dataset(traine
         page.goto(f"{stack.mlflow_uri}/#/models/{MODEL}/versions/{version.version}")
         page.wait_for_selector("text=Validation", timeout=60_000)
         body = page.inner_text("body")
-        for words in ("recipe ui-test", "ui-test@v0001", "bicubic", "mlflow models serve", "Load", "challenger",
+        for words in ("recipe ui-test", "ui-test@v0001", "bicubic", "prouigan serve", "Load", "challenger",
                       version.tags["data_manifest_digest"]):
             assert words in body, words
         shot(page, "mlflow-version")

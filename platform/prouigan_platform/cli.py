@@ -30,6 +30,7 @@ COMMANDS = {
     "hallucinate": "16x16 thumbnails in a folder -> 128x128 faces (checkpoint, runs:/ or models:/ URI)",
     "evaluate": "score a model vs bicubic (fidelity, dlib alignment/identity, landmark regions); --promote: the gate",
     "judges": "train and list the face parser and expression classifier that judge hallucinated faces",
+    "serve": "serve a registered version over HTTP once its files match the record made when it was registered",
     "restore": "find the faces of photos (tiny ones too), hallucinate them, paste them back into the photo upscaled",
     "retrain": "scheduled retraining: new faces -> new dataset version -> fine-tune -> evaluate -> gate",
 }
@@ -152,6 +153,13 @@ def _evaluate(p) -> None:
     _device_arg(p, "cpu")
 
 
+def _serve(p) -> None:
+    p.add_argument("--model", default="models:/prouigan@champion",
+                   help="a registered version: models:/NAME@ALIAS or models:/NAME/N (default the champion)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default loopback)")
+    p.add_argument("--port", type=positive_int, default=5001)
+
+
 def _judges(p) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     t = sub.add_parser("train", help="train a judge and store it as the next version",
@@ -210,11 +218,11 @@ def _restore(p) -> None:
 
 
 # commands that find the embedded stack (when the environment names no cluster) before their work starts
-USES_STACK = {"hello", "shard", "train", "tune", "hallucinate", "evaluate", "restore", "retrain", "judges"}
+USES_STACK = {"hello", "shard", "train", "tune", "hallucinate", "evaluate", "restore", "retrain", "judges", "serve"}
 
 ARGUMENTS = {"platform": _platform, "config": _config_args, "demo": lambda p: None, "hello": _hello,
              "synth": _synth, "shard": _shard, "train": _train, "tune": _tune, "hallucinate": _hallucinate,
-             "evaluate": _evaluate, "judges": _judges, "restore": _restore, "retrain": _config_args}
+             "evaluate": _evaluate, "judges": _judges, "serve": _serve, "restore": _restore, "retrain": _config_args}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -103,7 +103,8 @@ class ModelCard:
             f"Held-out scores: `prouigan evaluate --model {uri} --split test` (logged to the run as `eval_test_*`).",
             f'**Load**: `mlflow.pyfunc.load_model("{uri}").predict([png_bytes, ...])`, or `(B, 16, 16, 3)` uint8 '
             f"arrays; `prouigan hallucinate --model {uri} --input DIR --output DIR`.",
-            f"**Serve**: `mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001`, then "
+            f"**Serve**: `prouigan serve --model {uri}` (checks this version's files against their record, then runs "
+            "`mlflow models serve` on 127.0.0.1:5001), then "
             "`curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
             "-d '{\"inputs\": [\"<base64 PNG of a 16x16 face>\"]}'` answers "
             "`{\"predictions\": [\"<base64 PNG, 128x128>\"]}` (docs/evaluation.md, \"Serving\").",
