@@ -179,11 +179,19 @@ def check_dashboard(doc: dict, where: str) -> None:
 
 
 def check_ray_cluster_launcher(config: dict, where: str = "ray_cluster.yaml") -> None:
-    """Every node starts Ray with token auth and has the cluster's token; the head's dashboard stays on loopback."""
+    """Every node starts Ray with token auth and has the cluster's token; the head's dashboard stays on loopback; the
+    checkout is synced without the state folder and the outputs."""
     mounts = config.get("file_mounts") or {}
     if not any(str(dst).endswith(".ray/auth_token") for dst in mounts):
         raise Invalid(f"{where}: no file_mounts entry copies the cluster's token to ~/.ray/auth_token on every node "
                       "(`ray get-auth-token --generate` makes it locally)")
+    if any(str(src).strip() in (".", "./") or not str(src).startswith("~") for src in mounts.values()):
+        excluded = " ".join(config.get("rsync_exclude") or [])
+        missing = [d for d in (".platform", "outputs") if d not in excluded]
+        if missing:
+            raise Invalid(f"{where}: file_mounts syncs the checkout but rsync_exclude does not leave out "
+                          f"{', '.join(missing)} (the state folder holds the registry, tokens and shards; outputs "
+                          "holds reports of research-licensed faces)")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         for cmd in config.get(key) or []:
             if "ray start" not in cmd:

@@ -110,6 +110,8 @@ def test_a_bad_timer_schedule_and_a_drifted_pin_are_caught(tmp_path):
         "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")), "--dashboard-host=0.0.0.0"),
     (lambda c: c["worker_start_ray_commands"].__setitem__(1, "ray start --address=$RAY_HEAD_IP:6379"), "token auth"),
     (lambda c: c["file_mounts"].pop("/home/ubuntu/.ray/auth_token"), "auth_token"),
+    (lambda c: c.pop("rsync_exclude"), "does not leave out .platform, outputs"),
+    (lambda c: c.__setitem__("rsync_exclude", ["**/.venv"]), "does not leave out .platform, outputs"),
 ])
 def test_the_cluster_launcher_config_must_keep_token_auth_and_a_loopback_dashboard(mutate, message):
     config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
