@@ -165,3 +165,4 @@ def test_commands_find_the_stack_from_its_state_folder_alone(durable_stack):
                          env={**clean, "PROUIGAN_STATE_DIR": str(spec.state_dir)})
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "using the embedded stack" in out.stderr and "sum of squares = 140" in out.stdout
+

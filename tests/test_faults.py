@@ -288,3 +288,18 @@ def test_sigterm_ends_a_command_stopped_with_143(tmp_path):
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_crash_between_the_s3_snapshots_two_renames_restores_a_whole_snapshot(tmp_path):
+    """`down` writes the new snapshot aside (s3.partial, its .snapshot.json last), moves the old one aside (s3.old),
+    then renames the new one into place: whichever step a crash stops, the next `up` restores a whole snapshot."""
+    from prouigan_platform.stack import _snapshot_dir
+
+    old, partial = tmp_path / "s3.old", tmp_path / "s3.partial"
+    old.mkdir()
+    partial.mkdir()
+    assert _snapshot_dir(tmp_path) == old  # the new one was not finished: the old one
+    (partial / ".snapshot.json").write_text("{}")
+    assert _snapshot_dir(tmp_path) == partial  # finished, not yet renamed: the new one
+    (tmp_path / "s3").mkdir()
+    assert _snapshot_dir(tmp_path) == tmp_path / "s3"

@@ -190,14 +190,33 @@ def _check_types(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
         raise ValueError(f"host {spec.host!r} is not a loopback address")
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``path`` written whole and on disk when this returns: a temporary file, fsync'd, renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def _save_state(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
     spec_d = asdict(spec)
     spec_d["state_dir"] = str(spec.state_dir)
-    tmp = _state_file(spec).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"spec": spec_d, "services": {k: asdict(v) for k, v in services.items()}}, indent=2))
-    tmp.replace(_state_file(spec))
+    # each written whole and on disk before this returns (fsync, rename): a crash leaves the old or the new record
+    _write_atomic(_state_file(spec), json.dumps(
+        {"spec": spec_d, "services": {k: asdict(v) for k, v in services.items()}}, indent=2).encode())
     env_lines = [f"export {k}={v}" for k, v in spec.env().items()]
-    (spec.state_dir / "env.sh").write_text("\n".join(env_lines) + "\n")
+    _write_atomic(spec.state_dir / "env.sh", ("\n".join(env_lines) + "\n").encode())
 
 
 def alive(rec: ServiceRecord) -> psutil.Process | None:
@@ -371,10 +390,21 @@ def _s3_client(spec: StackSpec):
     )
 
 
+def _snapshot_dir(state_dir: Path) -> Path:
+    """The S3 snapshot to restore: ``s3/``, or, after a crash between the swap's two renames, the complete new one
+    (``s3.partial/`` with its ``.snapshot.json``, written last) or else the old one (``s3.old/``)."""
+    snap, partial, old = state_dir / "s3", state_dir / "s3.partial", state_dir / "s3.old"
+    if snap.exists():
+        return snap
+    if (partial / ".snapshot.json").exists():
+        return partial
+    return old if old.exists() else snap
+
+
 def _s3_restore(spec: StackSpec, log) -> None:
     """Create the bucket and upload the snapshot that the last ``down`` left."""
     client = _s3_client(spec)
-    snap = spec.state_dir / "s3"
+    snap = _snapshot_dir(spec.state_dir)
     buckets = {spec.bucket} | ({p.name for p in snap.iterdir() if p.is_dir()} if snap.exists() else set())
     n = 0
     for b in sorted(buckets):
@@ -416,10 +446,12 @@ def _s3_snapshot(spec: StackSpec, log) -> None:
         (tmp / b["Name"] / SNAPSHOT_INDEX).write_text(json.dumps(index))
     old = spec.state_dir / "s3.old"
     shutil.rmtree(old, ignore_errors=True)
+    (tmp / ".snapshot.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "objects": n}))
+    os.sync()  # the new snapshot is on disk before the old one is moved aside
     if snap.exists():
         snap.rename(old)
-    (tmp / ".snapshot.json").write_text(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "objects": n}))
-    tmp.rename(snap)
+    tmp.rename(snap)  # a crash between the two renames: `_snapshot_dir` finds s3.partial (complete) or s3.old
+    _fsync_dir(spec.state_dir)
     shutil.rmtree(old, ignore_errors=True)
     log(f"s3: saved {n} objects to {snap}")
 
@@ -436,7 +468,7 @@ def _report_unclean_stop(spec: StackSpec, dead: list[str], log) -> None:
     if not spec.s3:
         log(f"store: local disk ({spec.store}): every write that returned is on disk; nothing to restore")
     if "s3" in dead:
-        snap = spec.state_dir / "s3"
+        snap = _snapshot_dir(spec.state_dir)
         stamp = snap / ".snapshot.json"
         when = json.loads(stamp.read_text())["time"] if stamp.exists() else "never"
         log(f"s3: WARNING the in-memory S3 test server was not stopped by `down`: objects written to it after its "
