@@ -18,6 +18,7 @@ import torch
 from prouigan.degradation import downsample
 from prouigan.ibug import LEFT_EYE, MOUTH, RIGHT_EYE
 from prouigan.occlusion import KINDS, MASK_COLOURS, NEEDS_LANDMARKS, SKIN
+from prouigan.vocabulary import check_kinds
 
 
 def _u(g: torch.Generator, n: int, lo, hi, device) -> torch.Tensor:
@@ -276,6 +277,41 @@ def _hand(g, target, yy, xx, lm):
     return _bisect(draw, target, 0.05, 8.0)
 
 
+def _draw_sunglasses(g, t, lm, n, size, yy, xx, dev):
+    m = _sunglasses(g, t, yy, xx, lm)
+    return m, _shaded(g, n, size, 0.15 * torch.rand(n, 3, generator=g, device=dev), dev)
+
+
+def _draw_mask(g, t, lm, n, size, yy, xx, dev):
+    colours = torch.tensor(MASK_COLOURS, device=dev)
+    base = colours[torch.randint(0, len(colours), (n,), generator=g, device=dev)]
+    return _face_mask(g, t, yy, xx, lm), _shaded(g, n, size, base, dev)
+
+
+def _draw_hand(g, t, lm, n, size, yy, xx, dev):
+    skin = torch.tensor(SKIN, dtype=torch.float32, device=dev)
+    base = skin[torch.randint(0, len(skin), (n,), generator=g, device=dev)]
+    return _hand(g, t, yy, xx, lm), _shaded(g, n, size, base, dev)
+
+
+# kind -> (generator, targets, landmarks, n, size, grid rows, grid columns, device) -> (masks, fills) for n faces:
+# each kind of the vocabulary drawn once, in the order its random numbers are taken
+DRAW = {
+    "rectangle": lambda g, t, lm, n, size, yy, xx, dev: (
+        _rectangle(g, t, size, yy, xx), torch.rand(n, 3, generator=g, device=dev)[:, :, None, None]),
+    "textured_rectangle": lambda g, t, lm, n, size, yy, xx, dev: (
+        _rectangle(g, t, size, yy, xx), _texture(g, n, size, yy, xx, dev)),
+    "random_walk": lambda g, t, lm, n, size, yy, xx, dev: (
+        _random_walk(g, t, size), torch.rand(n, 3, size, size, generator=g, device=dev)),
+    "strokes": lambda g, t, lm, n, size, yy, xx, dev: (
+        _strokes(g, t, size, yy, xx), torch.rand(n, 3, generator=g, device=dev)[:, :, None, None]),
+    "sunglasses": _draw_sunglasses,
+    "mask": _draw_mask,
+    "hand": _draw_hand,
+}
+check_kinds(DRAW, __name__)
+
+
 def synthesize_batch(g: torch.Generator, landmarks: torch.Tensor, has_landmarks: torch.Tensor,
                      kinds=KINDS, coverage: tuple[float, float] = (0.1, 0.35), probability: float = 1.0,
                      size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -312,26 +348,8 @@ def synthesize_batch(g: torch.Generator, landmarks: torch.Tensor, has_landmarks:
         i = sel.nonzero().flatten() if dev.type == "cpu" else torch.arange(n, device=dev)
         if len(i) == 0:
             continue
-        m_, t_, lm_ = len(i), target[i], lm[i]
-        if name == "rectangle":
-            m, f = _rectangle(g, t_, size, yy, xx), torch.rand(m_, 3, generator=g, device=dev)[:, :, None, None]
-        elif name == "textured_rectangle":
-            m, f = _rectangle(g, t_, size, yy, xx), _texture(g, m_, size, yy, xx, dev)
-        elif name == "random_walk":
-            m, f = _random_walk(g, t_, size), torch.rand(m_, 3, size, size, generator=g, device=dev)
-        elif name == "strokes":
-            m, f = _strokes(g, t_, size, yy, xx), torch.rand(m_, 3, generator=g, device=dev)[:, :, None, None]
-        elif name == "sunglasses":
-            m, f = _sunglasses(g, t_, yy, xx, lm_), _shaded(g, m_, size, 0.15 * torch.rand(
-                m_, 3, generator=g, device=dev), dev)
-        elif name == "mask":
-            colours = torch.tensor(MASK_COLOURS, device=dev)
-            base = colours[torch.randint(0, len(colours), (m_,), generator=g, device=dev)]
-            m, f = _face_mask(g, t_, yy, xx, lm_), _shaded(g, m_, size, base, dev)
-        else:  # hand
-            skin = torch.tensor(SKIN, dtype=torch.float32, device=dev)
-            base = skin[torch.randint(0, len(skin), (m_,), generator=g, device=dev)]
-            m, f = _hand(g, t_, yy, xx, lm_), _shaded(g, m_, size, base, dev)
+        m_ = len(i)
+        m, f = DRAW[name](g, target[i], lm[i], m_, size, yy, xx, dev)
         keep = sel[i][:, None, None]
         mask[i] = torch.where(keep, m, mask[i])
         fill[i] = torch.where(keep[:, None], f.expand(m_, 3, size, size), fill[i])

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prouigan.ibug import LEFT_EYE, MOUTH, RIGHT_EYE
-from prouigan.vocabulary import NEEDS_LANDMARKS, OCCLUSION_KINDS
+from prouigan.vocabulary import NEEDS_LANDMARKS, OCCLUSION_KINDS, check_kinds
 
 KINDS, NEEDS_LANDMARKS = OCCLUSION_KINDS, set(NEEDS_LANDMARKS)
 SKIN = np.array([(255, 224, 196), (241, 194, 150), (224, 172, 105), (198, 134, 66), (141, 85, 36)]) / 255.0
@@ -262,6 +262,35 @@ def _hand(rng, target, size, lm):
     return _bisect(draw, target, 0.05, 8.0, size)
 
 
+def _draw_mask(rng, target, size, lm):
+    base = MASK_COLOURS[int(rng.integers(len(MASK_COLOURS)))]
+    return _face_mask(rng, target, size, lm), _shaded_fill(rng, size, base)
+
+
+def _draw_hand(rng, target, size, lm):
+    m = _hand(rng, target, size, lm)
+    return m, _shaded_fill(rng, size, SKIN[int(rng.integers(len(SKIN)))])
+
+
+def _draw_sunglasses(rng, target, size, lm):
+    m = _sunglasses(rng, target, size, lm)
+    return m, _shaded_fill(rng, size, rng.uniform(0.0, 0.15, 3))
+
+
+# kind -> (rng, target coverage, size, landmarks or None) -> (mask, fill): each kind of the vocabulary drawn once,
+# in the order its random numbers are taken (seeded val/test occlusions stay the same on every run)
+DRAW = {
+    "rectangle": lambda rng, t, size, lm: (_rectangle(rng, t, size), _solid_fill(rng, size)),
+    "textured_rectangle": lambda rng, t, size, lm: (_rectangle(rng, t, size), _texture_fill(rng, size)),
+    "random_walk": lambda rng, t, size, lm: (_random_walk(rng, t, size), _noise_fill(rng, size)),
+    "strokes": lambda rng, t, size, lm: (_strokes(rng, t, size), _solid_fill(rng, size)),
+    "sunglasses": _draw_sunglasses,
+    "mask": _draw_mask,
+    "hand": _draw_hand,
+}
+check_kinds(DRAW, __name__)
+
+
 def synthesize(rng: np.random.Generator | int, landmarks: np.ndarray | None = None,
                kinds: tuple[str, ...] | list[str] = KINDS, coverage: tuple[float, float] = (0.1, 0.35),
                size: int = 128) -> Occlusion:
@@ -277,19 +306,5 @@ def synthesize(rng: np.random.Generator | int, landmarks: np.ndarray | None = No
     kind = usable[int(rng.integers(len(usable)))]
     target = float(rng.uniform(*coverage))
     lm = None if landmarks is None else np.asarray(landmarks, np.float64)
-    if kind == "rectangle":
-        m, fill = _rectangle(rng, target, size), _solid_fill(rng, size)
-    elif kind == "textured_rectangle":
-        m, fill = _rectangle(rng, target, size), _texture_fill(rng, size)
-    elif kind == "random_walk":
-        m, fill = _random_walk(rng, target, size), _noise_fill(rng, size)
-    elif kind == "strokes":
-        m, fill = _strokes(rng, target, size), _solid_fill(rng, size)
-    elif kind == "sunglasses":
-        m, fill = _sunglasses(rng, target, size, lm), _shaded_fill(rng, size, rng.uniform(0.0, 0.15, 3))
-    elif kind == "mask":
-        base = MASK_COLOURS[int(rng.integers(len(MASK_COLOURS)))]
-        m, fill = _face_mask(rng, target, size, lm), _shaded_fill(rng, size, base)
-    else:  # hand
-        m, fill = _hand(rng, target, size, lm), _shaded_fill(rng, size, SKIN[int(rng.integers(len(SKIN)))])
+    m, fill = DRAW[kind](rng, target, size, lm)
     return Occlusion(kind, m.astype(np.float32), fill, target)

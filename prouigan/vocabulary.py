@@ -7,6 +7,15 @@ from __future__ import annotations
 OCCLUSION_KINDS = ("random_walk", "rectangle", "textured_rectangle", "sunglasses", "mask", "hand", "strokes")
 NEEDS_LANDMARKS = frozenset({"sunglasses", "mask", "hand"})
 
+
+def check_kinds(drawings: dict, where: str) -> None:
+    """An occlusion implementation draws every kind of the vocabulary and nothing else: checked when its module is
+    imported, so a kind added here alone fails at once, not at run time (or, worse, draws another kind)."""
+    missing = [k for k in OCCLUSION_KINDS if k not in drawings]
+    extra = sorted(set(drawings) - set(OCCLUSION_KINDS))
+    if missing or extra:
+        raise ImportError(f"{where}: occlusion kinds without a drawing: {missing}; drawings of no kind: {extra}")
+
 # landmark-derived regions of the face (``prouigan.regions``)
 REGIONS = ("eyes", "brows", "nose", "mouth", "skin")
 

@@ -116,3 +116,17 @@ def test_alignment_transform_inverts_and_pads_outside_the_photo():
     lm68 = np.zeros((68, 2))
     lm68[36:42], lm68[42:48], lm68[48], lm68[54] = lm[0], lm[1], lm[2], lm[3]
     assert np.allclose(align(photo, *keypoints_from_68(lm68)).quad, a.quad)
+
+
+
+def test_every_occlusion_kind_has_one_drawing_in_each_implementation_checked_at_import(monkeypatch):
+    """A kind added to the vocabulary alone fails when the implementations are imported, naming it (it used to fall
+    through an if-chain and draw hands)."""
+    import prouigan.vocabulary as vocabulary
+    from prouigan import batched_occlusion, occlusion
+
+    assert set(occlusion.DRAW) == set(batched_occlusion.DRAW) == set(vocabulary.OCCLUSION_KINDS)
+    monkeypatch.setattr(vocabulary, "OCCLUSION_KINDS", (*vocabulary.OCCLUSION_KINDS, "scarf"))
+    for module in (occlusion, batched_occlusion):
+        with pytest.raises(ImportError, match=r"occlusion kinds without a drawing: \['scarf'\]"):
+            vocabulary.check_kinds(module.DRAW, module.__name__)
