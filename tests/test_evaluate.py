@@ -298,7 +298,8 @@ def test_a_registered_versions_files_changed_in_the_artifact_store_are_refused_b
     assert any(k.endswith("serving.py") for k in rec["files"])
     assert v.tags[registry.TAG_FILES] == registry._digest(rec["files"])
     registry.resolve_model(f"models:/{name}/{number}")  # as registered: loads
-    loc = mlflow.get_logged_model(v.model_id).artifact_location
+    model_id = v.model_id or v.source.removeprefix("models:/").split("/")[0]  # source: models:/<logged model id>
+    loc = mlflow.get_logged_model(model_id).artifact_location
     bucket, prefix = storage.split_s3(loc)
     s3 = boto3_client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]

@@ -151,10 +151,15 @@ def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias:
 TAG_FILES = "prouigan.files_sha256"  # on each version: the sha256 of its files' record (the record is in the store)
 
 
+# written by the MLflow client into what it downloads through a models:/NAME/VERSION URI (the name and version it
+# was asked for), not a file of the stored version
+CLIENT_FILES = {"registered_model_meta"}
+
+
 def files_sha256(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (a model version's files as MLflow stores them)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in CLIENT_FILES}
 
 
 def _digest(files: dict[str, str]) -> str:
