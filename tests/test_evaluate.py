@@ -299,8 +299,8 @@ def test_a_registered_versions_files_changed_in_the_artifact_store_are_refused_b
     assert v.tags[registry.TAG_FILES] == registry._digest(rec["files"])
     registry.resolve_model(f"models:/{name}/{number}")  # as registered: loads
     model_id = v.model_id or v.source.removeprefix("models:/").split("/")[0]  # source: models:/<logged model id>
-    loc = mlflow.get_logged_model(model_id).artifact_location
-    bucket, prefix = storage.split_s3(loc)
+    loc = mlflow.get_logged_model(model_id).artifact_location  # mlflow-artifacts:/…, served from the bucket
+    bucket, prefix = stack.bucket, "mlflow-artifacts/" + loc.split(":", 1)[1].lstrip("/")
     s3 = boto3_client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
     code = next(k for k in keys if k.endswith("serving.py"))
