@@ -3,13 +3,9 @@ stack recorded in the state folder by ``prouigan platform up``.  Connecting to R
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import secrets
-import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -86,7 +82,7 @@ def init_ray(local: bool = False, **kwargs):
         # points at a dead cluster and ray.init would wait on it for minutes); >= 4 slots, see stack.py
         kwargs = {"address": "local", "num_cpus": max(4, os.cpu_count() or 1), "include_dashboard": False,
                   "_node_ip_address": "127.0.0.1", **kwargs}
-        private_ray_token()  # its GCS and worker ports answer only who holds the token, even on loopback
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance of this process
     else:
         kwargs = {"address": os.environ["RAY_ADDRESS"], **kwargs}
     ray.init(runtime_env=runtime_env, log_to_driver=kwargs.pop("log_to_driver", True),
@@ -99,28 +95,7 @@ def init_ray(local: bool = False, **kwargs):
 
 def prepare_local_ray(local: bool = False) -> None:
     """Before Ray is imported: a command that will start a private local Ray (no RAY_ADDRESS, or ``--local``) keeps
-    it single-node, on 127.0.0.1 (stack.SINGLE_NODE_ENV), with token authentication (``private_ray_token``)."""
+    it single-node, on 127.0.0.1 (stack.SINGLE_NODE_ENV)."""
     if local or not os.environ.get("RAY_ADDRESS"):
         for k, v in stack.SINGLE_NODE_ENV.items():
             os.environ.setdefault(k, v)
-        private_ray_token()
-
-
-def private_ray_token() -> Path:
-    """Token authentication for a private local Ray: the token file RAY_AUTH_TOKEN_PATH already names (the embedded
-    stack's, 0600), else a fresh one in a 0700 temporary folder, removed when this process exits.  Ray reads the
-    mode and the path when it starts (and its workers inherit them): set before ``ray.init``.  Any local user could
-    otherwise run code through its GCS and worker ports, loopback or not."""
-    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if named and Path(named).is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        return Path(named)
-    folder = Path(tempfile.mkdtemp(prefix="prouigan-ray-"))  # 0700
-    path = folder / "auth_token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    atexit.register(shutil.rmtree, folder, True)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
-    return path
