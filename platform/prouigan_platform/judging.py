@@ -150,14 +150,34 @@ def _budget(minutes: float | None, steps: int | None) -> tuple[float, int]:
     return (minutes * 60 if minutes else math.inf), (steps or 10 ** 9)
 
 
-def _autocast():
-    """bf16 autocast where the CPU has bf16 instructions (as training G does), else nothing."""
-    from contextlib import nullcontext
-
+def _fit(name: str, model, opt, batches, loss_fn, lr: float, budget_s: float, budget_steps: int, batch_size: int,
+         log) -> tuple[int, float]:
+    """The judges' one training loop: (x, y) batches until the time or step budget is spent, a cosine learning rate
+    over the budget, bf16 autocast where the CPU has it (as training G does), a progress line every 15 s.  ->
+    (steps, minutes)."""
     from prouigan.training import autocast_dtype
 
-    dtype, _ = autocast_dtype(torch.device("cpu"), True)
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+    dtype, _ = autocast_dtype(torch.device("cpu"), True)  # once: not a check per step
+    t0, step, last = time.monotonic(), 0, 0.0
+    model.train()
+    for x, y in batches:
+        done = max(step / budget_steps, (time.monotonic() - t0) / budget_s)
+        if done >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = _cosine(lr, done)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if time.monotonic() - last > 15:
+            last = time.monotonic()
+            el = last - t0
+            log(f"judges: {name} step {step} | {el / 60:.1f} min ({done:.0%}) | {step * batch_size / el:.1f} faces/s | "
+                f"loss {loss.item():.4f} | ETA {_eta(el, done)}")
+    return step, round((time.monotonic() - t0) / 60, 2)
 
 
 def _set_threads() -> None:
@@ -271,27 +291,13 @@ def train_parser(folder: Path, minutes: float | None = 10.0, steps: int | None =
     log(f"judges: training the parser on {len(x_tr)} faces ({int(is_test.sum())} held out), "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, batch {batch_size}, budget "
         + (f"{minutes:g} min" if minutes else f"{steps} steps"))
-    t0, step, last = time.monotonic(), 0, 0.0
-    model.train()
-    while True:
-        done = max(step / budget_steps, (time.monotonic() - t0) / budget_s)
-        if done >= 1:
-            break
-        idx = torch.randint(len(x_tr), (batch_size,), generator=gen)
-        x, y = _augment(x_tr[idx].float() / 255, y_tr[idx], gen)
-        for g in opt.param_groups:
-            g["lr"] = _cosine(lr, done)
-        with _autocast():
-            loss = parse_loss(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if time.monotonic() - last > 15:
-            last = time.monotonic()
-            el = last - t0
-            log(f"judges: parser step {step} | {el / 60:.1f} min ({done:.0%}) | {step / el:.2f} steps/s | loss "
-                f"{loss.item():.4f} | ETA {_eta(el, done)}")
+    def batches():
+        while True:
+            idx = torch.randint(len(x_tr), (batch_size,), generator=gen)
+            yield _augment(x_tr[idx].float() / 255, y_tr[idx], gen)
+
+    step, minutes_spent = _fit("parser", model, opt, batches(), parse_loss, lr, budget_s, budget_steps, batch_size,
+                               log)
     scores = parser_scores(model, data["images"][is_test], data["labels"][is_test])
     log(f"judges: parser after {step} steps: held-out mean F1 {scores['mean_f1']:.3f}, mIoU {scores['miou']:.3f} "
         f"over {scores['faces']} faces")
@@ -299,8 +305,7 @@ def train_parser(folder: Path, minutes: float | None = 10.0, steps: int | None =
                        "held_out_faces": int(is_test.sum()), "quarantined": data["quarantined"],
                        "classes": list(PARSE_CLASSES), "merge": "CelebAMask-HQ 19 -> HELEN 11 with left/right merged:"
                        " ears -> skin, hat -> hair, neck, earring, necklace, cloth -> background, eyeglasses ignored"},
-              "training": {"steps": step, "minutes": round((time.monotonic() - t0) / 60, 2), "batch_size": batch_size,
-                           "lr": lr, "seed": seed},
+              "training": {"steps": step, "minutes": minutes_spent, "batch_size": batch_size, "lr": lr, "seed": seed},
               "held_out": scores}
     return save("parser", model, record, root)
 
@@ -405,26 +410,10 @@ def train_expression(manifest_uri: str, attributes: Path | None = None, minutes:
     log(f"judges: training the expression classifier ({', '.join(EXPRESSIONS)}) on the {train_n:,} train faces of "
         f"{', '.join(sources)} in {manifest_uri}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
         f"parameters, batch {batch_size}, budget " + (f"{minutes:g} min" if minutes else f"{steps} steps"))
-    t0, step, last = time.monotonic(), 0, 0.0
-    model.train()
-    for x, y in _expression_batches(m, sources, "train", labels, True, batch_size, seed):
-        done = max(step / budget_steps, (time.monotonic() - t0) / budget_s)
-        if done >= 1:
-            break
-        x, _ = _augment(x, None, gen)
-        for g in opt.param_groups:
-            g["lr"] = _cosine(lr, done)
-        with _autocast():
-            loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if time.monotonic() - last > 15:
-            last = time.monotonic()
-            el = last - t0
-            log(f"judges: expression step {step} | {el / 60:.1f} min ({done:.0%}) | {step * batch_size / el:.1f} "
-                f"faces/s | loss {loss.item():.4f} | ETA {_eta(el, done)}")
+    batches = ((_augment(x, None, gen)[0], y)
+               for x, y in _expression_batches(m, sources, "train", labels, True, batch_size, seed))
+    step, minutes_spent = _fit("expression", model, opt, batches, F.binary_cross_entropy_with_logits, lr, budget_s,
+                               budget_steps, batch_size, log)
     held = {s: expression_scores(model, m, sources, s, labels) for s in ("val", "test")}
     for s, sc in held.items():
         if sc["faces"]:
@@ -433,8 +422,7 @@ def train_expression(manifest_uri: str, attributes: Path | None = None, minutes:
                 for e in EXPRESSIONS))
     record = {"data": {"dataset": manifest_uri, "digest": m.digest, "sources": sources, "attributes": {
                   e: EXPRESSION_ATTRIBUTES[e] for e in EXPRESSIONS}, "train_faces": train_n},
-              "training": {"steps": step, "minutes": round((time.monotonic() - t0) / 60, 2), "batch_size": batch_size,
-                           "lr": lr, "seed": seed},
+              "training": {"steps": step, "minutes": minutes_spent, "batch_size": batch_size, "lr": lr, "seed": seed},
               "held_out": held}
     return save("expression", model, record, root)
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import psutil
 
+from prouigan_platform.local_files import fsync_dir, write_local_atomic
+
 LOOPBACK = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # the embedded stack is single-user: never on the network
 SERVICES = ("s3", "mlflow", "ray")  # start order; stop order is the reverse
@@ -190,33 +192,14 @@ def _check_types(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
         raise ValueError(f"host {spec.host!r} is not a loopback address")
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``path`` written whole and on disk when this returns: a temporary file, fsync'd, renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _save_state(spec: StackSpec, services: dict[str, ServiceRecord]) -> None:
     spec_d = asdict(spec)
     spec_d["state_dir"] = str(spec.state_dir)
     # each written whole and on disk before this returns (fsync, rename): a crash leaves the old or the new record
-    _write_atomic(_state_file(spec), json.dumps(
+    write_local_atomic(_state_file(spec), json.dumps(
         {"spec": spec_d, "services": {k: asdict(v) for k, v in services.items()}}, indent=2).encode())
     env_lines = [f"export {k}={v}" for k, v in spec.env().items()]
-    _write_atomic(spec.state_dir / "env.sh", ("\n".join(env_lines) + "\n").encode())
+    write_local_atomic(spec.state_dir / "env.sh", ("\n".join(env_lines) + "\n").encode())
 
 
 def alive(rec: ServiceRecord) -> psutil.Process | None:
@@ -451,7 +434,7 @@ def _s3_snapshot(spec: StackSpec, log) -> None:
     if snap.exists():
         snap.rename(old)
     tmp.rename(snap)  # a crash between the two renames: `_snapshot_dir` finds s3.partial (complete) or s3.old
-    _fsync_dir(spec.state_dir)
+    fsync_dir(spec.state_dir)
     shutil.rmtree(old, ignore_errors=True)
     log(f"s3: saved {n} objects to {snap}")
 

@@ -6,15 +6,15 @@ environment, or by a cluster's), so the same URI works on a laptop stack and on 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import boto3
 import pyarrow.fs as pafs
 from botocore.exceptions import ClientError
+
+from prouigan_platform.local_files import fsync_dir, write_local_atomic, write_local_tmp
 
 
 def is_s3(uri: str) -> bool:
@@ -57,31 +57,6 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_local_tmp(path: str, data: bytes) -> str:
-    """``data`` in a temporary file beside ``path``, flushed to disk; -> its name."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f"_tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk, a signal: no half-written file is left behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Readers never see a half-written object, and once this returns the bytes are on disk (fsync of the file
     and its folder): a temporary file renamed into place locally; one PUT on S3 (atomic there)."""
@@ -90,14 +65,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    tmp = _write_local_tmp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
+    write_local_atomic(path, data)
 
 
 def write_png(path: str | Path, image) -> None:
@@ -129,14 +97,14 @@ def create_exclusive(uri: str, data: bytes) -> None:
             raise
         return
     _, path = filesystem(uri)
-    tmp = _write_local_tmp(path, data)
+    tmp = write_local_tmp(path, data)
     try:
         os.link(tmp, path)
     except FileExistsError:
         raise FileExistsError(f"{uri} already exists") from None
     finally:
         os.unlink(tmp)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def move_exclusive(src: str, dst: str) -> None:
@@ -155,7 +123,7 @@ def move_exclusive(src: str, dst: str) -> None:
     except FileExistsError:
         raise FileExistsError(f"{dst} already exists") from None
     os.unlink(s)
-    _fsync_dir(os.path.dirname(d))
+    fsync_dir(os.path.dirname(d))
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
