@@ -224,20 +224,21 @@ def test_a_holder_whose_lease_ran_out_cannot_commit(tmp_path):
     successor.check()  # the successor still holds it
 
 
-def test_the_registry_lock_is_one_per_registry_whatever_the_storage(monkeypatch, tmp_path):
-    from prouigan_platform.locks import registry_lock
+def test_the_registry_lock_is_one_per_registry_whatever_the_storage_or_spelling(monkeypatch, tmp_path):
+    """The lock is named by the registry's backend store, not by the address's spelling (here two spellings of one
+    sqlite store; tests/test_retrain.py does it with two host names of one server) nor by a config's storage."""
+    from prouigan_platform.config import load_config
+    from prouigan_platform.locks import registry_lock, retrain_lock
 
     monkeypatch.setenv("PROUIGAN_STORE", str(tmp_path / "store"))
-    a = registry_lock("prouigan", "http://127.0.0.1:5000")
-    b = registry_lock("prouigan", "http://127.0.0.1:5000/")
-    other = registry_lock("prouigan", "http://mlflow:5000")
+    (tmp_path / "sub").mkdir()
+    one, same = f"sqlite:///{tmp_path}/registry.db", f"sqlite:///{tmp_path}/sub/../registry.db"
+    a, b = registry_lock("prouigan", one), registry_lock("prouigan", same)
+    other = registry_lock("prouigan", f"sqlite:///{tmp_path}/another.db")
     assert a.uri == b.uri != other.uri and a.uri.startswith(str(tmp_path / "store" / "locks"))
-    # the configs of two recipes with their checkpoints in different places move the same champion under one lock
-    from prouigan_platform.config import load_config
-
-    for storage_dir in ("/elsewhere/ck", "s3://bucket/ck"):
-        load_config("smoke", [f"train.storage={storage_dir}"])
-        assert registry_lock("prouigan", "http://127.0.0.1:5000").uri == a.uri
+    # a recipe with its checkpoints elsewhere retrains and promotes the same model under the same locks
+    load_config("smoke", ["train.storage=s3://bucket/ck"])
+    assert retrain_lock("prouigan", same).uri == a.uri.replace("/registry-", "/retrain-")
 
 
 def test_a_torn_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path):

@@ -198,6 +198,43 @@ def test_a_service_whose_main_process_died_leaves_nothing_running_that_holds_its
         assert st.leftovers(rec) == [] and not st.port_in_use(spec.mlflow_port)
 
 
+def test_a_private_local_ray_wants_a_token_of_its_own_that_only_this_user_reads(tmp_path):
+    """A command run with --local (or without RAY_ADDRESS) starts a private Ray with token authentication: the token
+    0600 in a 0700 temporary folder, known to the node and its workers but put out of the caller's environment once
+    Ray started (a later `ray job submit` from that process must not take it), gone when the process ends; another
+    process without it, or with another token, is refused."""
+    owner = ("import os, sys\n"
+             "from prouigan_platform.runtime import prepare_local_ray, init_ray\n"
+             "prepare_local_ray(True)\n"
+             "import ray\n"
+             "init_ray(local=True, object_store_memory=128 * 2**20)\n"
+             "p = ray.get(ray.remote(lambda: os.environ['RAY_AUTH_TOKEN_PATH']).remote())\n"
+             "mode = ray.get(ray.remote(lambda: os.environ['RAY_AUTH_MODE']).remote())\n"
+             "left = [k for k in ('RAY_AUTH_MODE', 'RAY_AUTH_TOKEN_PATH') if k in os.environ]\n"
+             "print(mode, oct(os.stat(p).st_mode & 0o777), oct(os.stat(os.path.dirname(p)).st_mode & 0o777),\n"
+             "      p, ray.get_runtime_context().gcs_address, 'left:' + ','.join(left), flush=True)\n"
+             "sys.stdin.readline()\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([sys.executable, "-c", owner], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**clean, "HOME": str(tmp_path)})
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:] if proc.poll() is not None else "no answer"
+        mode, file_mode, dir_mode, token_path, gcs, left = line.split()
+        assert (mode, file_mode, dir_mode, left) == ("token", "0o600", "0o700", "left:"), line
+        code = f"import ray; ray.init(address='{gcs}', log_to_driver=False); print('CONNECTED')"
+        wrong = tmp_path / "wrong_token"
+        wrong.write_text("0" * 64)
+        for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}, {"RAY_AUTH_MODE": "disabled"}):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                 env={**clean, **st.SINGLE_NODE_ENV, "HOME": str(tmp_path), **env})
+            assert out.returncode != 0 and "CONNECTED" not in out.stdout, (env, out.stdout[-500:], out.stderr[-1500:])
+    finally:
+        proc.communicate("\n", timeout=120)
+    assert proc.returncode == 0
+    assert not os.path.exists(token_path)  # removed with the process
+
+
 def test_the_state_folder_and_all_it_holds_are_this_users_alone(stack, tmp_path):
     """The registry database, the token, the logs, the S3 snapshot: 0700 folders, 0600 files; a state folder from
     before the rule is tightened at the next `up`."""

@@ -4,6 +4,7 @@ retrains and concurrent promotions cannot both win."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import mlflow
@@ -74,11 +75,9 @@ def test_retrain_promotes_new_data_then_does_nothing_then_keeps_the_champion_on_
 
 
 def test_a_second_retrain_started_meanwhile_does_nothing(stack, seeded):
-    from prouigan_platform.config import load_config
-    from prouigan_platform.locks import lock_root
+    from prouigan_platform.locks import retrain_lock
 
-    cfg = load_config("smoke", _common(stack, 30)[2:])
-    lock = Lock(f"{lock_root(cfg)}/retrain-{MODEL}.lock", purpose="a retrain already running")
+    lock = retrain_lock(MODEL)  # what a retrain of another recipe (other storage) of the same model holds
     assert lock.acquire()
     try:
         out = run_cli(stack, "retrain", *_common(stack, 30))
@@ -109,3 +108,43 @@ def test_two_gates_racing_for_the_champion_cannot_both_promote(stack, seeded, tm
     assert len(wins) == 1 and client.get_model_version_by_alias(MODEL, gate.CHAMPION).version == wins[0]
     loser = next(v for v in (a, b) if v not in wins)
     assert "champion moved" in results[loser][1]
+
+
+def test_one_server_spelt_two_ways_takes_one_registry_lock(stack):
+    from prouigan_platform.locks import registry_lock
+
+    port = stack.mlflow_uri.rsplit(":", 1)[1]
+    assert registry_lock(MODEL, f"http://127.0.0.1:{port}").uri == registry_lock(MODEL, f"http://localhost:{port}/").uri
+
+
+def test_a_gate_stalled_past_its_lease_undoes_its_move_and_refuses(stack, seeded, tmp_path):
+    """Gate A passes its fence check, then stalls (a long GC, SIGSTOP) until its lease runs out; gate B takes the
+    lock and promotes.  When A wakes and moves the alias, the fence it reads back in the registry is B's: A puts
+    the champion back to B's version and refuses."""
+    import time
+
+    from prouigan_platform.locks import registry_lock
+
+    client, _ = seeded
+    a, b = _register(stack, "good", tmp_path, MODEL), _register(stack, "good", tmp_path, MODEL)
+    expected = client.get_model_version_by_alias(MODEL, gate.CHAMPION).version
+    results = {}
+
+    class Stalls(Lock):
+        def check(self):
+            super().check()  # still ours: the move is allowed ...
+            time.sleep(self.lease_s + 0.5)  # ... then the holder stalls past its lease
+            t = threading.Thread(target=lambda: results.update(b=gate.move_champion(MODEL, b, expected,
+                                                                                    lock=registry_lock(MODEL))))
+            t.start()
+            t.join()
+
+    stalled = registry_lock(MODEL)
+    stalled = Stalls(stalled.uri, lease_s=1.0, purpose="a gate that stalls", heartbeat=False)
+    moved, why = gate.move_champion(MODEL, a, expected, lock=stalled)
+    assert results["b"] == (True, f"champion -> v{b}")
+    assert not moved and "another gate moved the champion" in why and f"undone, champion is v{b}" in why
+    assert client.get_model_version_by_alias(MODEL, gate.CHAMPION).version == b
+    fence = json.loads(client.get_registered_model(MODEL).tags[gate.FENCE_TAG])
+    assert fence["state"] == "moved" and fence["target"] == b and fence["token"] != stalled.token
+    assert client.get_model_version(MODEL, b).tags[gate.FENCE_TAG] == fence["token"]

@@ -10,8 +10,10 @@ started, so two gates racing cannot both promote.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -82,15 +84,53 @@ def record_failure(name: str, version: str, error: BaseException, context: dict[
     return d
 
 
+FENCE_TAG = "prouigan.champion_fence"  # on the registered model: the last gate to enter the move, and its outcome
+
+
+def _fence(client, name: str) -> dict:
+    raw = client.get_registered_model(name).tags.get(FENCE_TAG)
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+
+
 def move_champion(name: str, version: str, expected: str | None, lock=None) -> tuple[bool, str]:
-    """Point ``champion`` at ``version`` if it still points at ``expected`` (None: no champion yet)."""
+    """Point ``champion`` at ``version`` if it still points at ``expected`` (None: no champion yet).
+
+    MLflow has no compare-and-set of an alias, so the move is fenced in the registry itself: the gate first writes
+    its token into the model's ``prouigan.champion_fence`` tag, compares, moves the alias, records the token on
+    the version, and reads the fence back.  A gate that stalled past its lock's lease between its check and its
+    move finds another gate's token there: it puts the alias back where that gate moved it (or, where that gate
+    has not moved it, where it was before), and refuses."""
+    client = mlflow.MlflowClient()
+    token = lock.token if lock is not None else uuid.uuid4().hex
     with lock or nullcontext():
+        client.set_registered_model_tag(name, FENCE_TAG, json.dumps({"token": token, "target": version,
+                                                                     "state": "moving"}))
         now = alias_version(name, CHAMPION)
         now_v = now.version if now else None
         if now_v != expected:
+            client.set_registered_model_tag(name, FENCE_TAG, json.dumps({"token": token, "target": version,
+                                                                         "state": "refused", "left": now_v}))
             return False, (f"champion moved from v{expected} to v{now_v} while this evaluation ran; "
                            "evaluate again against the new champion")
         if lock is not None:
             lock.check()  # fencing: a gate whose lease ran out meanwhile moves nothing
-        mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version)
-    return True, f"champion -> v{version}"
+        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(name, version, FENCE_TAG, token)
+        after = _fence(client, name)
+        if after.get("token") == token:
+            client.set_registered_model_tag(name, FENCE_TAG, json.dumps({"token": token, "target": version,
+                                                                         "state": "moved", "left": version}))
+            return True, f"champion -> v{version}"
+        # another gate entered after this one: its word stands, this move is undone
+        back = after.get("target") if after.get("state") == "moved" else expected
+        cur = alias_version(name, CHAMPION)
+        if cur is not None and cur.version == version:
+            if back is None:
+                client.delete_registered_model_alias(name, CHAMPION)
+            else:
+                client.set_registered_model_alias(name, CHAMPION, back)
+        return False, (f"another gate moved the champion while this one stalled (its lock's lease ran out): "
+                       f"this move to v{version} was undone, champion is v{back}; evaluate again")

@@ -214,23 +214,35 @@ class Lock:
         self.release()
 
 
-def lock_root(cfg) -> str:
-    """Where a config's locks live: ``locks/`` beside its checkpoints (the bucket every node sees)."""
-    base = cfg.train.storage.rstrip("/")
-    parent = base.rsplit("/", 1)[0] if "/" in base.split("://")[-1] else base
-    return storage.join(parent, "locks")
+def registry_identity(tracking_uri: str | None = None) -> str:
+    """A name for the registry server behind ``tracking_uri`` that does not depend on how its address is spelled
+    (``http://mlflow:5000`` in a pod, a port-forward to ``127.0.0.1:5000`` on a laptop): MLflow creates its Default
+    experiment once per backend store and never lets it be deleted, so its creation time and artifact location
+    name the store.  Asks the server (one request)."""
+    import mlflow
+
+    exp = mlflow.MlflowClient(tracking_uri).get_experiment("0")
+    return hashlib.sha256(f"{exp.creation_time}|{exp.artifact_location}".encode()).hexdigest()[:12]
+
+
+def _model_lock(kind: str, model_name: str, tracking_uri: str | None, **kw) -> Lock:
+    registry = registry_identity(tracking_uri)
+    return Lock(storage.join(store_root(), "locks", f"{kind}-{registry}-{model_name}.lock"), **kw)
 
 
 def registry_lock(model_name: str, tracking_uri: str | None = None) -> Lock:
-    """Held for the short read-compare-move of the champion alias (waits up to 5 minutes).  One lock per registry
-    and model, whatever a config's storage: it lives in the platform's store (``PROUIGAN_STORE``), named after the
-    tracking server's address and the model."""
-    import mlflow
+    """Held for the short read-compare-move of the champion alias (waits up to 5 minutes).  One lock per
+    (registry server, model), whatever a config's storage or the spelling of the server's address: it lives in
+    the platform's store (``PROUIGAN_STORE``).  Clients with different stores do not share it; the fence the
+    gate writes into the registry itself (gate.move_champion) catches what the lock cannot."""
+    return _model_lock("registry", model_name, tracking_uri, lease_s=120, wait_s=300,
+                       purpose=f"move {model_name}@champion")
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    registry = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
-    return Lock(storage.join(store_root(), "locks", f"registry-{registry}-{model_name}.lock"), lease_s=120,
-                purpose=f"move {model_name}@champion (registry {uri})", wait_s=300)
+
+def retrain_lock(model_name: str, tracking_uri: str | None = None) -> Lock:
+    """Held by one `prouigan retrain` of a registered model at a time, whichever recipe or storage it runs with
+    (a short lease renewed by the heartbeat: a crashed retrain frees it in minutes)."""
+    return _model_lock("retrain", model_name, tracking_uri, lease_s=300, purpose=f"retrain {model_name}")
 
 
 def dataset_lock(root: str, wait_s: float = 0.0) -> Lock:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import mlflow
 
 from prouigan.presets import generator_config
-from prouigan_platform import gate, storage, tracking
+from prouigan_platform import gate, tracking
 from prouigan_platform.config import ConfigError
 from prouigan_platform.dataset.build import build_version
 from prouigan_platform.dataset.sources import list_sources
 from prouigan_platform.errors import UserError
-from prouigan_platform.locks import Lock, lock_root
+from prouigan_platform.locks import retrain_lock
 from prouigan_platform.paths import outputs_dir
 from prouigan_platform.promotion import evaluate_model
 from prouigan_platform.registry import alias_version, resolve_model
@@ -56,8 +56,7 @@ def retrain(cfg, log=print) -> dict:
     """-> {"status": "no-op" | "promoted" | "refused" | "busy", ...}; raises on failure (after recording it)."""
     name = cfg.tracking.registered_model
     root = cfg.data.output.rstrip("/")
-    # a short lease, renewed by a heartbeat while this process works: a crashed retrain frees it in minutes
-    lock = Lock(storage.join(lock_root(cfg), f"retrain-{name}.lock"), lease_s=300, purpose=f"retrain {name}")
+    lock = retrain_lock(name)
     if not lock.acquire():
         log(f"retrain: another retrain holds the lock: {lock.held_by()}; exiting without doing anything")
         return {"status": "busy"}

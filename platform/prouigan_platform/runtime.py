@@ -3,9 +3,14 @@ stack recorded in the state folder by ``prouigan platform up``.  Connecting to R
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
+import secrets
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from prouigan_platform.paths import state_dir as default_state_dir
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
              "AWS_DEFAULT_REGION", "PROUIGAN_STORE", "PROUIGAN_STATE_DIR", "PROUIGAN_VERBOSE",
              "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
+TOKEN_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")  # what Ray reads its token auth from
 
 
 def verbose() -> bool:
@@ -82,15 +88,57 @@ def init_ray(local: bool = False, **kwargs):
         # points at a dead cluster and ray.init would wait on it for minutes); >= 4 slots, see stack.py
         kwargs = {"address": "local", "num_cpus": max(4, os.cpu_count() or 1), "include_dashboard": False,
                   "_node_ip_address": "127.0.0.1", **kwargs}
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only instance of this process
+        with private_ray_token():
+            _init(ray, runtime_env, level, kwargs)
     else:
-        kwargs = {"address": os.environ["RAY_ADDRESS"], **kwargs}
-    ray.init(runtime_env=runtime_env, log_to_driver=kwargs.pop("log_to_driver", True),
-             logging_level=logging.INFO if verbose() else logging.WARNING,
-             logging_config=ray.LoggingConfig(log_level=level), **kwargs)
+        _reload_ray_auth()  # this process may have run a private Ray before: read the environment's settings now
+        _init(ray, runtime_env, level, {"address": os.environ["RAY_ADDRESS"], **kwargs})
     if threading.current_thread() is threading.main_thread():
         stop_on_sigterm()  # ray.init made SIGTERM a bare sys.exit; ours unwinds as a stop (runs end KILLED)
     return ray
+
+
+def _init(ray, runtime_env: dict, level: str, kwargs: dict) -> None:
+    ray.init(runtime_env=runtime_env, log_to_driver=kwargs.pop("log_to_driver", True),
+             logging_level=logging.INFO if verbose() else logging.WARNING,
+             logging_config=ray.LoggingConfig(log_level=level), **kwargs)
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads its auth mode into a cached config when imported and caches the token when first loaded: make it
+    read the environment as it is now (what Ray itself does when it turns token auth on)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def private_ray_token():
+    """Token authentication for a private local Ray, scoped to its start: a fresh token in a 0700 temporary folder
+    (0600, removed when this process exits) is named in the environment while ``ray.init`` starts the node (its
+    GCS, raylet and every worker it starts keep it; this process's Ray keeps it cached), and the caller's
+    environment is put back after, so nothing this process starts later (a ``ray job submit`` to another
+    cluster) inherits it.  Without it, any local user could run code through the private Ray's GCS and worker
+    ports, loopback or not."""
+    folder = Path(tempfile.mkdtemp(prefix="prouigan-ray-"))  # 0700
+    path = folder / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    atexit.register(shutil.rmtree, folder, True)
+    saved = {k: os.environ.get(k) for k in TOKEN_ENV}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)})
+    try:
+        _reload_ray_auth()
+        yield path
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def prepare_local_ray(local: bool = False) -> None:
