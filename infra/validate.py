@@ -242,18 +242,76 @@ def check_security(doc: dict, where: str) -> None:
         raise Invalid(f"{where}: ConfigMap/prouigan-env must set RAY_AUTH_MODE: token")
     if kind in KUBERAY_SCHEMAS:
         check_dashboard(doc, where)
+        check_ray_pods(doc, where)
+
+
+RAY_NODE_LABEL = ("prouigan.io/ray-node", "true")  # what the NetworkPolicies select every Ray pod by
+HEAD_SECRET = "prouigan-secrets"  # the drivers' keys: register models, move the champion (gate)
+
+
+def check_ray_pods(doc: dict, where: str) -> None:
+    """Every Ray pod carries the label the NetworkPolicies select; every Ray container has a read-only root with a
+    writable /tmp; worker pods (which run training, never the gate) take no key from the head's Secret."""
+    kind, name = doc["kind"], doc["metadata"]["name"]
+    for path, tmpl in _pod_templates(doc):
+        if path == "submitterPodTemplate":
+            continue
+        at = f"{where}: {kind}/{name} {path}"
+        labels = (tmpl.get("metadata") or {}).get("labels") or {}
+        if labels.get(RAY_NODE_LABEL[0]) != RAY_NODE_LABEL[1]:
+            raise Invalid(f"{at}: label the pods {RAY_NODE_LABEL[0]}: \"{RAY_NODE_LABEL[1]}\" (the NetworkPolicies "
+                          "select Ray pods by it; unlabelled, default-deny cuts them off)")
+        pod = tmpl["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod.get("containers", []):
+            if not c["name"].startswith("ray-"):
+                continue
+            if not (c.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+                raise Invalid(f"{at} container {c['name']}: set securityContext.readOnlyRootFilesystem: true (and "
+                              "mount an emptyDir at /tmp for Ray's session and caches)")
+            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            if not tmp or "emptyDir" not in volumes.get(tmp[0]["name"], {}):
+                raise Invalid(f"{at} container {c['name']}: a read-only root needs an emptyDir mounted at /tmp")
+            if path.startswith("workerGroupSpecs"):
+                refs = {(e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name") for e in c.get("env", [])}
+                refs |= {(f.get("secretRef") or {}).get("name") for f in c.get("envFrom", [])}
+                if HEAD_SECRET in refs:
+                    raise Invalid(f"{at} container {c['name']}: worker pods take keys from {HEAD_SECRET} (the "
+                                  "drivers' MLflow user may move @champion); give them prouigan-worker-secrets")
+
+
+def _internet(peer: dict) -> bool:
+    return (peer.get("ipBlock") or {}).get("cidr") == "0.0.0.0/0"
 
 
 def check_network_policies(docs: list[dict]) -> None:
-    """A default deny for the namespace, and a policy for each service that listens."""
+    """A default deny of ingress and egress for the namespace, DNS allowed, a policy for each service that listens
+    and for each kind of pod that sends, and no egress rule open to everything."""
     policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
-    if not any(d["spec"].get("podSelector") == {} and "Ingress" in d["spec"].get("policyTypes", []) and
-               not d["spec"].get("ingress") for d in policies):
-        raise Invalid("infra/k8s: no default-deny ingress NetworkPolicy (podSelector: {}, policyTypes: [Ingress])")
-    selected = [d["spec"].get("podSelector", {}).get("matchLabels", {}) for d in policies]
-    for need in ({"app": "mlflow"}, {"app": "mlflow-db"}, {"ray.io/cluster": "prouigan"}):
-        if need not in selected:
-            raise Invalid(f"infra/k8s: no NetworkPolicy selects the pods {need}")
+    for direction in ("Ingress", "Egress"):
+        if not any(d["spec"].get("podSelector") == {} and direction in d["spec"].get("policyTypes", []) and
+                   not d["spec"].get(direction.lower()) for d in policies):
+            raise Invalid(f"infra/k8s: no default-deny {direction.lower()} NetworkPolicy (podSelector: {{}}, "
+                          f"policyTypes: [{direction}], no rules)")
+    if not any(p.get("port") == 53 for d in policies if d["spec"].get("podSelector") == {}
+               for rule in d["spec"].get("egress", []) for p in rule.get("ports", [])):
+        raise Invalid("infra/k8s: default-deny egress without a rule for DNS (port 53): no pod could resolve a name")
+    for d in policies:
+        for rule in d["spec"].get("egress", []):
+            if not rule.get("to"):
+                raise Invalid(f"infra/k8s: NetworkPolicy/{d['metadata']['name']} has an egress rule to anywhere")
+            if not rule.get("ports") and any(_internet(t) for t in rule["to"]):
+                raise Invalid(f"infra/k8s: NetworkPolicy/{d['metadata']['name']} lets pods send to the internet on "
+                              "any port; name the port (443 for the object store)")
+    for direction in ("Ingress", "Egress"):
+        selected = [d["spec"].get("podSelector", {}).get("matchLabels", {}) for d in policies
+                    if direction in d["spec"].get("policyTypes", []) and d["spec"].get(direction.lower())]
+        need = [{"app": "mlflow"}, {"app": "mlflow-db"}, {RAY_NODE_LABEL[0]: RAY_NODE_LABEL[1]}]
+        if direction == "Egress":
+            need.remove({"app": "mlflow-db"})  # the database sends nothing but answers
+        for pods in need:
+            if pods not in selected:
+                raise Invalid(f"infra/k8s: no {direction.lower()} NetworkPolicy selects the pods {pods}")
 
 
 def validate_k8s_file(path: Path) -> list[str]:

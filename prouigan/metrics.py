@@ -53,3 +53,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win: int = 1
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
     return s.flatten(1).mean(1)
+
+
+def face_scores(out: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-face scores validation and evaluation share: PSNR, SSIM, and PSNR over the occluded pixels (NaN for
+    a face without an occluded region), each (B,)."""
+    return {"psnr": psnr(out, hr), "ssim": ssim(out, hr), "psnr_occluded": masked_psnr(out, hr, mask)}

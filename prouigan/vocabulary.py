@@ -35,5 +35,7 @@ METRICS: dict[str, str] = {
 # the ones a champion gate may decide on (``eval.gate_metrics``)
 GATE_METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "match_rate", "parse_f1",
                 "expression_accuracy")
+# what a training's validation measures on its val faces (reported as ``val_<name>``), the model's and bicubic's
+VALIDATION_METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "bicubic_psnr", "bicubic_ssim", "bicubic_psnr_occluded")
 # the ones a loss-weight search may maximise (``tune.metric``): training's validation scores
 SEARCH_METRICS = ("val_psnr", "val_psnr_occluded", "val_ssim")

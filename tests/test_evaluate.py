@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from prouigan_platform import run_names as names
 from prouigan_platform.storage import boto3_client
 from tests.conftest import REPO, run_cli
 
@@ -296,7 +297,7 @@ def test_a_registered_versions_files_changed_in_the_artifact_store_are_refused_b
     rec = json.loads(storage.read_bytes(registry._record_uri(name, number)))
     assert {"MLmodel", "artifacts/generator.pt"} <= set(rec["files"])
     assert any(k.endswith("serving.py") for k in rec["files"])
-    assert v.tags[registry.TAG_FILES] == registry._digest(rec["files"])
+    assert v.tags[names.FILES_SHA256] == registry._digest(rec["files"])
     registry.resolve_model(f"models:/{name}/{number}")  # as registered: loads
     model_id = v.model_id or v.source.removeprefix("models:/").split("/")[0]  # source: models:/<logged model id>
     loc = mlflow.get_logged_model(model_id).artifact_location  # mlflow-artifacts:/…, served from the bucket

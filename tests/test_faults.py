@@ -241,40 +241,67 @@ def test_the_registry_lock_is_one_per_registry_whatever_the_storage_or_spelling(
     assert retrain_lock("prouigan", same).uri == a.uri.replace("/registry-", "/retrain-")
 
 
+def _training_state(step: int):
+    from prouigan_platform.training.checkpoints import TrainingState
+
+    return TrainingState(step=step, generator={"format": "prouigan-generator/1", "generator_config": {"x": 1},
+                                               "generator": {"w": torch.zeros(1000)}},
+                         d_global={}, d_local={}, optimizers={}, config={"name": "t"}, manifest_digest="abc")
+
+
+def test_the_training_state_round_trips_reads_the_first_format_and_refuses_a_newer_one(tmp_path):
+    from prouigan_platform.training import checkpoints
+
+    folder = tmp_path / "step_0000003"
+    folder.mkdir()
+    checkpoints.write(folder, _training_state(3))
+    back = checkpoints.load(str(folder))
+    assert (back.step, back.manifest_digest, back.generator_raw) == (3, "abc", None)
+    assert torch.equal(back.trained_weights["w"], torch.zeros(1000))
+    old = {k: v for k, v in torch.load(folder / "state.pt", weights_only=True).items() if k != "training_format"}
+    assert checkpoints.TrainingState.from_dict(old).step == 3  # format 1: the same keys, before the field
+    with pytest.raises(checkpoints.CheckpointFormatError, match="has training format 3; this platform reads up to 2"):
+        checkpoints.TrainingState.from_dict({**old, "training_format": 3}, "x/state.pt")
+    with pytest.raises(checkpoints.CheckpointFormatError, match="not a Pro-UIGAN training checkpoint"):
+        checkpoints.TrainingState.from_dict({"weights": 1}, "x/state.pt")
+
+
 def test_a_torn_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path):
     from prouigan_platform.training import checkpoints
 
     run = tmp_path / "ck" / "run"
     for step in (2, 4, 6):
         (run / f"step_{step:07d}").mkdir(parents=True)
-        checkpoints.write(run / f"step_{step:07d}", {"step": step, "w": torch.zeros(1000)})
+        checkpoints.write(run / f"step_{step:07d}", _training_state(step))
     data = (run / "step_0000006" / "state.pt").read_bytes()
     (run / "step_0000006" / "state.pt").write_bytes(data[: len(data) // 2])  # a crash while writing
     (run / "step_0000004" / "complete.json").unlink()
     (run / "step_0000004" / "state.pt").write_bytes(b"PK\x03\x04 not a zip")  # torn before its record
     uri, skipped = checkpoints.newest_complete(str(run))
-    assert uri.endswith("step_0000002") and checkpoints.load(uri)["step"] == 2
+    assert uri.endswith("step_0000002") and checkpoints.load(uri).step == 2
     assert [Path(u).name for u, _ in skipped] == ["step_0000006", "step_0000004"]
     assert "do not match its record" in skipped[0][1] and "does not load" in skipped[1][1]
 
 
-def test_served_models_are_code_not_pickles(generator_file, tmp_path):
+def test_served_models_are_code_not_pickles_and_registering_leaves_the_run_to_its_pipeline(generator_file, tmp_path):
     import mlflow
 
     from prouigan_platform.registry import log_and_register
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("code")
+    exp = mlflow.set_experiment("code")
     try:
-        with mlflow.start_run() as run:
-            pass
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+        client = mlflow.MlflowClient()
+        run = client.create_run(exp.experiment_id)  # a training's run, still RUNNING when its best is registered
         v = log_and_register(generator_file, run.info.run_id, "code-test")
         files = {p.name for p in Path(mlflow.artifacts.download_artifacts(f"models:/code-test/{v.version}")).rglob("*")}
+        status = client.get_run(run.info.run_id).info.status
     finally:
         mlflow.set_tracking_uri(None)
     assert "serving.py" in files and "generator.pt" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert status == "RUNNING"  # its pipeline's run_scope ends it with the pipeline's outcome
 
 
 def test_sigterm_ends_a_command_stopped_with_143(tmp_path):

@@ -93,6 +93,54 @@ def test_pipelines_are_thin_and_never_import_each_other():
             assert "prouigan_platform.cli" not in deps, m
 
 
+# docs/architecture.md's floors, top to bottom: a module imports from its own floor or below, never above
+FOUNDATION = {"config", "storage", "local_files", "paths", "progress", "user_files", "errors", "run_names"}
+FLOOR_NAMES = ["prouigan/ (the model)", "the platform's foundation (" + ", ".join(sorted(FOUNDATION)) + ")",
+               "the platform's work modules", "commands/", "prouigan_platform.cli", "pipelines/"]
+
+
+def floor(module: str) -> int:
+    if module.startswith("pipelines"):
+        return 5
+    if module == "prouigan_platform.cli":
+        return 4
+    if module.startswith("prouigan_platform.commands"):
+        return 3
+    if module.startswith("prouigan_platform"):
+        return 1 if module.split(".")[1:2] and module.split(".")[1] in FOUNDATION else 2
+    return 0
+
+
+def climbing_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} ({FLOOR_NAMES[floor(m)]}) imports {d} ({FLOOR_NAMES[floor(d)]})"
+            for m, deps in sorted(graph.items()) for d in sorted(deps) if floor(d) > floor(m)]
+
+
+def test_no_import_climbs_a_floor():
+    assert climbing_imports(_graph(top_level_only=False)) == []
+
+
+def test_the_floor_check_finds_an_import_that_climbs():
+    graph = {"prouigan_platform.storage": {"prouigan_platform.tracking"}, "prouigan.generator": {"prouigan.attention"},
+             "prouigan_platform.gate": {"prouigan_platform.commands.evaluate"}}
+    assert climbing_imports(graph) == [
+        "prouigan_platform.gate (the platform's work modules) imports prouigan_platform.commands.evaluate (commands/)",
+        "prouigan_platform.storage (the platform's foundation (config, errors, local_files, paths, progress, "
+        "run_names, storage, user_files)) imports prouigan_platform.tracking (the platform's work modules)"]
+
+
+def test_exit_codes_are_named_not_literals():
+    """Exit codes live in errors.Exit; a literal where an error is raised or a command returns drifts apart."""
+    found = []
+    for m, p in _modules().items():
+        if m.startswith("prouigan_platform") and m != "prouigan_platform.errors":
+            for i, line in enumerate(p.read_text().splitlines(), 1):
+                if re.search(r"\bcode=\d|^\s*return \d+\s*(#.*)?$|return \d+ if .* else \d+", line) and (
+                        m.startswith(("prouigan_platform.commands", "prouigan_platform.cli")) or "code=" in line):
+                    found.append(f"{p.relative_to(REPO)}:{i}: {line.strip()}")
+    assert found == []
+
+
 def test_the_model_library_imports_nothing_of_the_platform():
     for m, p in _modules().items():
         if m.startswith("prouigan.") or m == "prouigan":

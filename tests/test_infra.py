@@ -47,6 +47,14 @@ def test_the_checks_reject_broken_manifests(file, mutate, message):
             infra.validate_k8s_document(d, file)
 
 
+def _ray_head(d):
+    return d[0]["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _ray_worker(d):
+    return d[0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+
 def _mlflow_container(d):
     return d[3]["spec"]["template"]["spec"]["containers"][0]
 
@@ -70,6 +78,13 @@ def _mlflow_container(d):
     ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"]["rayStartParams"].pop("dashboard-host"),
      "dashboard-host is None"),
     ("rayjob-train.yaml", lambda d: d[0]["spec"].update(submissionMode="K8sJobMode"), "SidecarMode"),
+    ("raycluster.yaml", lambda d: _ray_head(d)["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
+     "readOnlyRootFilesystem"),
+    ("raycluster.yaml", lambda d: _ray_head(d)["containers"][0].pop("volumeMounts"), "emptyDir mounted at /tmp"),
+    ("rayjob-train.yaml", lambda d: d[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+     .pop("prouigan.io/ray-node"), "prouigan.io/ray-node"),
+    ("raycluster.yaml", lambda d: _ray_worker(d)["env"][1]["valueFrom"]["secretKeyRef"].update(name="prouigan-secrets"),
+     "worker pods take keys from prouigan-secrets"),
 ])
 def test_the_security_checks_reject_weakened_manifests(file, mutate, message):
     docs = copy.deepcopy(_docs(file))
@@ -119,3 +134,26 @@ def test_the_cluster_launcher_config_must_keep_token_auth_and_a_loopback_dashboa
     mutate(config)
     with pytest.raises(infra.Invalid, match=message):
         infra.check_ray_cluster_launcher(config)
+
+
+def _policies() -> list[dict]:
+    return [d for p in sorted((REPO / "infra" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def _policy(docs: list[dict], name: str) -> dict:
+    return next(d for d in docs if d.get("kind") == "NetworkPolicy" and d["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: _policy(d, "prouigan-default-deny")["spec"].update(policyTypes=["Ingress"]), "default-deny egress"),
+    (lambda d: _policy(d, "dns")["spec"]["egress"][0]["ports"].clear(), "DNS"),
+    (lambda d: _policy(d, "ray-nodes")["spec"]["egress"].append({}), "egress rule to anywhere"),
+    (lambda d: _policy(d, "ray-nodes")["spec"]["egress"][2].pop("ports"), "to the internet on any port"),
+    (lambda d: _policy(d, "mlflow")["spec"].pop("egress"), "no egress NetworkPolicy selects the pods {'app': 'ml"),
+])
+def test_the_network_checks_reject_open_egress(mutate, message):
+    docs = copy.deepcopy(_policies())
+    infra.check_network_policies(docs)
+    mutate(docs)
+    with pytest.raises(infra.Invalid, match=message):
+        infra.check_network_policies(docs)

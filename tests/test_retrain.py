@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from prouigan_platform import gate
+from prouigan_platform import run_names as names
 from prouigan_platform.locks import Lock
 from tests.conftest import run_cli
 from tests.test_evaluate import _register
@@ -145,6 +146,6 @@ def test_a_gate_stalled_past_its_lease_undoes_its_move_and_refuses(stack, seeded
     assert results["b"] == (True, f"champion -> v{b}")
     assert not moved and "another gate moved the champion" in why and f"undone, champion is v{b}" in why
     assert client.get_model_version_by_alias(MODEL, gate.CHAMPION).version == b
-    fence = json.loads(client.get_registered_model(MODEL).tags[gate.FENCE_TAG])
+    fence = json.loads(client.get_registered_model(MODEL).tags[names.CHAMPION_FENCE])
     assert fence["state"] == "moved" and fence["target"] == b and fence["token"] != stalled.token
-    assert client.get_model_version(MODEL, b).tags[gate.FENCE_TAG] == fence["token"]
+    assert client.get_model_version(MODEL, b).tags[names.CHAMPION_FENCE] == fence["token"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from prouigan_platform.config import load_config
 from prouigan_platform.storage import boto3_client
 from tests.conftest import REPO, run_cli
 
@@ -131,6 +132,8 @@ def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     steps, in NHWC, on batches occluded in the worker; an EMA of G's weights is the checkpoint's generator."""
     import torch
 
+    from prouigan_platform.training import checkpoints
+
     common = ["-c", "smoke", f"data.output={tmp_path / 'ds'}", f"train.storage={tmp_path / 'ck'}", "name=budget",
               "tracking.experiment=budget", "train.num_workers=2", "train.steps=100000", "train.val_every=5",
               "train.max_minutes=0.3", "train.lr_schedule=cosine", "train.adversarial_start=0.5",
@@ -141,11 +144,11 @@ def test_a_time_budget_ends_the_run_with_a_final_checkpoint(stack, tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "ck" / "budget").glob("step_*"))
     assert steps and 0 < steps[-1] < 100000
-    state = torch.load(tmp_path / "ck" / "budget" / f"step_{steps[-1]:07d}" / "state.pt", weights_only=True)
-    assert state["step"] == steps[-1] and 18 <= state["elapsed_s"] < 120
+    state = checkpoints.load(str(tmp_path / "ck" / "budget" / f"step_{steps[-1]:07d}"))
+    assert state.step == steps[-1] and 18 <= state.elapsed_s < 120
     # the average is what registers and serves; the raw weights are kept to resume training from
-    assert set(state["generator_raw"]) == set(state["generator"])
-    assert any(not torch.equal(state["generator_raw"][k], v) for k, v in state["generator"].items())
+    assert set(state.generator_raw) == set(state.generator["generator"])
+    assert any(not torch.equal(state.generator_raw[k], v) for k, v in state.generator["generator"].items())
     assert "world_rank=1" in out.stdout + out.stderr
 
 
@@ -218,3 +221,25 @@ def test_the_step_benchmark_runs_its_whole_table_on_cpu(stack, tmp_path):
     assert cpu_bf16_supported() or "this CPU has no bf16 instructions" in out.stdout
     assert all(float(r[4]) > 0 and r[-1] == "True" for r in rows), out.stdout
     assert "GFLOP per sample" in out.stdout and out.stdout.count("data path alone") == 2
+
+
+def test_a_run_resumed_on_another_dataset_version_names_that_version(stack, tmp_path):
+    """A training re-opened by its name on a newer dataset version: the run's lineage tags follow, and both
+    versions are among its inputs."""
+    from prouigan_platform import run_names as names
+    from prouigan_platform import tracking
+    from prouigan_platform.dataset import manifest as mf
+
+    cfg = load_config("smoke", ["tracking.experiment=lineage-test"])
+
+    def version(n: int):
+        return mf.Manifest.of({"format": mf.FORMAT, "version": n, "root": str(tmp_path / "ds"), "shards": [],
+                               "counts": {"train": n}, "digest": f"digest{n}"},
+                              uri=str(tmp_path / "ds" / "manifests" / f"v{n:04d}.json"))
+
+    first = tracking.open_run(cfg, "train", "lineage", manifest=version(1), find_tag=(names.TRAIN_NAME, "lineage"))
+    again = tracking.open_run(cfg, "train", "lineage", manifest=version(2), find_tag=(names.TRAIN_NAME, "lineage"))
+    run = mlflow.MlflowClient(stack.mlflow_uri).get_run(first)
+    assert again == first and run.data.tags[names.DATASET_DIGEST] == "digest2"
+    assert run.data.tags[names.DATASET].endswith("v0002.json")
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {"digest1", "digest2"}

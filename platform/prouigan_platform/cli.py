@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from prouigan_platform.errors import UserError, stop_on_sigterm, stop_reason
+from prouigan_platform.errors import Exit, UserError, stop_on_sigterm, stop_reason
 
 # name -> one-line help; the work of each is prouigan_platform/commands/<name>.py
 COMMANDS = {
@@ -229,7 +229,7 @@ class _Parser(argparse.ArgumentParser):
     """Argument errors as one line (exit 2), pointing at --help instead of printing the usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(Exit.BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Stopped)
         why = stop_reason(e)
         print(f"prouigan {args.command}: {why}", file=sys.stderr)
-        return 143 if "SIGTERM" in why else 130
+        return Exit.TERMINATED if "SIGTERM" in why else Exit.INTERRUPTED
     except Exception as e:
         code = _expected(e)
         if code is None or args.verbose:
@@ -287,19 +287,19 @@ def _expected(e: Exception) -> int | None:
     if isinstance(e, UserError):
         return e.code
     if isinstance(e, ConfigError):
-        return 2
+        return Exit.BAD_INPUT
     from prouigan_platform.locks import LockHeld, LockLost
 
     if isinstance(e, (LockHeld, LockLost)):
-        return 3
+        return Exit.BUSY
     from prouigan_platform.stack import StackError
 
     if isinstance(e, StackError):
         return e.code
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return 1
+        return Exit.FAILED
     if _machine_error(e) is not None:  # the machine's, not a bug: a full disk, a read-only one
-        return 1
+        return Exit.FAILED
     return None
 
 

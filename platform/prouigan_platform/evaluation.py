@@ -33,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from prouigan.degradation import upsample_bicubic
 from prouigan.landmarks import nme as nme_fn
 from prouigan.landmarks import soft_argmax
-from prouigan.metrics import masked_psnr, psnr, ssim
+from prouigan.metrics import face_scores, masked_psnr
+from prouigan.pictures import comparison_grid, to_u8
 from prouigan.regions import REGIONS, region_masks
 from prouigan.vocabulary import METRICS
 from prouigan_platform.config import DataConfig
@@ -74,7 +74,24 @@ def release_freed_memory() -> None:
 
 
 @dataclass
-class SplitData:
+class SplitInfo:
+    """What an evaluation read: the split, how many faces it holds and how many were scored."""
+
+    manifest_uri: str
+    digest: str
+    split: str
+    source: str | None
+    expected: int
+    keys: list[str] = field(default_factory=list)
+    bad_shards: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.keys) == self.expected and self.bad_shards == 0
+
+
+@dataclass(kw_only=True)
+class SplitData(SplitInfo):
     """A split held in memory (a few hundred faces: the demo's picture, tests).  ``evaluate`` streams instead."""
 
     lr: torch.Tensor  # (N, 3, 16, 16)
@@ -82,17 +99,6 @@ class SplitData:
     mask: torch.Tensor  # (N, 1, 128, 128) occluded pixels
     landmarks: torch.Tensor  # (N, 68, 2)
     has_landmarks: torch.Tensor  # (N,) bool
-    keys: list[str]
-    manifest_uri: str
-    digest: str
-    split: str
-    expected: int  # faces the manifest lists for the split
-    bad_shards: int
-    source: str | None = None  # one source's faces of the split, or all of them
-
-    @property
-    def complete(self) -> bool:
-        return len(self.keys) == self.expected and self.bad_shards == 0
 
 
 def _split_reader(manifest_uri: str, split: str, data: DataConfig, limit: int | None, source: str | None):
@@ -115,13 +121,9 @@ def load_split(manifest_uri: str, split: str, data: DataConfig, limit: int | Non
         raise ValueError(f"no '{split}' face of {manifest_uri} could be read ({ds.stats})")
     cat = lambda k: torch.cat([b[k] for b in batches])  # noqa: E731
     keys = [k for b in batches for k in b["key"]]
-    return SplitData(cat("lr"), cat("hr"), cat("mask"), cat("landmarks").double(), cat("has_landmarks"), keys,
-                     manifest_uri, m.digest, split, expected, ds.stats["bad_shards"], source)
-
-
-def to_u8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float [0, 1] -> (B, H, W, 3) uint8."""
-    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return SplitData(manifest_uri=manifest_uri, digest=m.digest, split=split, source=source, expected=expected,
+                     keys=keys, bad_shards=ds.stats["bad_shards"], lr=cat("lr"), hr=cat("hr"), mask=cat("mask"),
+                     landmarks=cat("landmarks").double(), has_landmarks=cat("has_landmarks"))
 
 
 def dlib_scores(batch: dict, outputs: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
@@ -175,23 +177,6 @@ class Method:
         if "identity_distance" in out:
             out["match_rate"] = out["identity_distance"]
         return out
-
-
-@dataclass
-class SplitInfo:
-    """What an evaluation read: the split, how many faces it holds and how many were scored."""
-
-    manifest_uri: str
-    digest: str
-    split: str
-    source: str | None
-    expected: int
-    keys: list[str] = field(default_factory=list)
-    bad_shards: int = 0
-
-    @property
-    def complete(self) -> bool:
-        return len(self.keys) == self.expected and self.bad_shards == 0
 
 
 class Cases:
@@ -352,8 +337,7 @@ class _BatchScorer:
             for k, v in scores[ORIGINAL].items():
                 self.per_face.setdefault(ORIGINAL, {}).setdefault(k, []).append(np.asarray(v, np.float64))
         for name, out in finals.items():
-            pf = {"psnr": psnr(out, hr).numpy(), "ssim": ssim(out, hr).numpy(),
-                  "psnr_occluded": masked_psnr(out, hr, mask).numpy(), **region_psnr(out, hr, lms, has)}
+            pf = {**{k: v.numpy() for k, v in face_scores(out, hr, mask).items()}, **region_psnr(out, hr, lms, has)}
             if priors[name] is not None:
                 err = nme_fn(soft_argmax(priors[name], self.heatmap_sigma), lms).numpy().astype(np.float64)
                 pf["prior_nme"] = np.where(has.numpy(), err, np.nan)
@@ -378,15 +362,6 @@ def _summarise(pf: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- reports
-
-def comparison_grid(lr: torch.Tensor, outputs: list[torch.Tensor], hr: torch.Tensor) -> np.ndarray:
-    """(H, W, 3) uint8: one row per face, columns  input (nearest x8) | each output (any size, nearest to HR's) |
-    original."""
-    up = lambda x: F.interpolate(x.float(), size=hr.shape[-1], mode="nearest")  # noqa: E731
-    cols = [up(lr), *[up(o) for o in outputs], hr.float()]
-    rows = [torch.cat([c[i] for c in cols], dim=2) for i in range(len(hr))]
-    return to_u8(torch.cat(rows, dim=1)[None])[0]
-
 
 def case_grid(ev: Evaluation) -> tuple[np.ndarray, list[tuple[str, str, float]]]:
     """Best and worst faces by the model's PSNR: rows of input | bicubic | model stages | original."""

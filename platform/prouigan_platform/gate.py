@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import mlflow
 
 from prouigan.vocabulary import METRICS
+from prouigan_platform import run_names as names
 from prouigan_platform import tracking
 from prouigan_platform.registry import alias_version
 
@@ -69,7 +70,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate_
 def record(name: str, version: str, decision: Decision, context: dict[str, str]) -> None:
     """The decision, its numbers and what it was measured on, as tags of the candidate version."""
     client = mlflow.MlflowClient()
-    tags = {"gate.decision": decision.label, "gate.reason": decision.reason[:tracking.ERROR_CHARS],
+    tags = {names.GATE_DECISION: decision.label, names.GATE_REASON: decision.reason[:tracking.ERROR_CHARS],
             "gate.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "gate.champion_version": decision.champion_version or "none", **context}
     tags.update({f"gate.candidate.{k}": f"{v:.6g}" for k, v in decision.candidate.items()})
@@ -84,11 +85,10 @@ def record_failure(name: str, version: str, error: BaseException, context: dict[
     return d
 
 
-FENCE_TAG = "prouigan.champion_fence"  # on the registered model: the last gate to enter the move, and its outcome
 
 
 def _fence(client, name: str) -> dict:
-    raw = client.get_registered_model(name).tags.get(FENCE_TAG)
+    raw = client.get_registered_model(name).tags.get(names.CHAMPION_FENCE)
     try:
         return json.loads(raw) if raw else {}
     except ValueError:
@@ -106,22 +106,22 @@ def move_champion(name: str, version: str, expected: str | None, lock=None) -> t
     client = mlflow.MlflowClient()
     token = lock.token if lock is not None else uuid.uuid4().hex
     with lock or nullcontext():
-        client.set_registered_model_tag(name, FENCE_TAG, json.dumps({"token": token, "target": version,
+        client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps({"token": token, "target": version,
                                                                      "state": "moving"}))
         now = alias_version(name, CHAMPION)
         now_v = now.version if now else None
         if now_v != expected:
-            client.set_registered_model_tag(name, FENCE_TAG, json.dumps({"token": token, "target": version,
+            client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps({"token": token, "target": version,
                                                                          "state": "refused", "left": now_v}))
             return False, (f"champion moved from v{expected} to v{now_v} while this evaluation ran; "
                            "evaluate again against the new champion")
         if lock is not None:
             lock.check()  # fencing: a gate whose lease ran out meanwhile moves nothing
         client.set_registered_model_alias(name, CHAMPION, version)
-        client.set_model_version_tag(name, version, FENCE_TAG, token)
+        client.set_model_version_tag(name, version, names.CHAMPION_FENCE, token)
         after = _fence(client, name)
         if after.get("token") == token:
-            client.set_registered_model_tag(name, FENCE_TAG, json.dumps({"token": token, "target": version,
+            client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps({"token": token, "target": version,
                                                                          "state": "moved", "left": version}))
             return True, f"champion -> v{version}"
         # another gate entered after this one: its word stands, this move is undone

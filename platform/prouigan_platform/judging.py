@@ -33,7 +33,7 @@ from PIL import Image
 from prouigan.judges import CELEBAMASK_TO_PARSE, FACE_CLASSES, IGNORE, ExpressionNet, Parser, confusion, f1_iou
 from prouigan.vocabulary import EXPRESSION_ATTRIBUTES, EXPRESSIONS, PARSE_CLASSES
 from prouigan_platform import storage
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, UserError
 from prouigan_platform.paths import store_root
 from prouigan_platform.progress import Progress, fmt_duration
 
@@ -56,7 +56,7 @@ class Judge:
 
 def judges_root(kind: str, root: str | None = None) -> str:
     if kind not in KINDS:
-        raise UserError(f"unknown judge '{kind}'; known: {', '.join(KINDS)}", code=2)
+        raise BadInput(f"unknown judge '{kind}'; known: {', '.join(KINDS)}")
     return storage.join(root or store_root(), "judges", kind)
 
 
@@ -95,7 +95,7 @@ def load(kind: str, version: int | None = None, root: str | None = None) -> Judg
         return None
     v = have[-1] if version is None else version
     if v not in have:
-        raise UserError(f"no {kind} v{v} under {judges_root(kind, root)} (have {', '.join(map(str, have))})", code=2)
+        raise BadInput(f"no {kind} v{v} under {judges_root(kind, root)} (have {', '.join(map(str, have))})")
     base = judges_root(kind, root)
     rec = json.loads(storage.read_bytes(storage.join(base, f"v{v:04d}.json")))
     if rec.get("format") != FORMAT:
@@ -146,7 +146,7 @@ def _eta(elapsed: float, done: float) -> str:
 
 def _budget(minutes: float | None, steps: int | None) -> tuple[float, int]:
     if minutes is None and steps is None:
-        raise UserError("give the judge's training a budget: --minutes or --steps", code=2)
+        raise BadInput("give the judge's training a budget: --minutes or --steps")
     return (minutes * 60 if minutes else math.inf), (steps or 10 ** 9)
 
 
@@ -212,8 +212,8 @@ def load_parsing(folder: Path, limit: int | None = None, log=print) -> dict:
     u8, quarantined [(name, why)]}."""
     folder = Path(folder)
     if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
-        raise UserError(f"{folder} is not a parsing folder (images/NAME.jpg + masks/NAME.png): is ../shared/parsing "
-                        "beside the checkout? Pass --parsing PATH", code=2)
+        raise BadInput(f"{folder} is not a parsing folder (images/NAME.jpg + masks/NAME.png): is ../shared/parsing "
+                       "beside the checkout? Pass --parsing PATH")
     names = sorted(p.stem for p in (folder / "images").glob("*.jpg"))[:limit]
     out = {"names": [], "images": [], "labels": [], "quarantined": []}
     bar = Progress("align parsing faces", len(names), "faces", every=15)
@@ -401,7 +401,7 @@ def train_expression(manifest_uri: str, attributes: Path | None = None, minutes:
     m = mf.load(manifest_uri)
     labels, sources, why = expression_labels(m, attributes)
     if why:
-        raise UserError(f"no expression labels for {manifest_uri}: {why}", code=2)
+        raise BadInput(f"no expression labels for {manifest_uri}: {why}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = ExpressionNet(width=width)

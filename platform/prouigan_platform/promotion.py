@@ -16,7 +16,7 @@ import mlflow
 
 from prouigan_platform import gate, judging, tracking
 from prouigan_platform.dataset import manifest as mf
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, UserError
 from prouigan_platform.evaluation import ORIGINAL, evaluate, table_rows, write_report
 from prouigan_platform.locks import registry_lock
 from prouigan_platform.registry import alias_version, registered_version, resolve_model
@@ -53,11 +53,10 @@ def evaluate_model(cfg, model: str, data_uri: str, split: str, out_dir: Path, pr
     Raises on a failed evaluation, after recording the failure on the version when promoting."""
     version = registered_version(model) if model.startswith("models:/") else None
     if promote and version is None:
-        raise UserError(f"--promote needs a registered version (models:/NAME@ALIAS or models:/NAME/N), got {model}",
-                        code=2)
+        raise BadInput(f"--promote needs a registered version (models:/NAME@ALIAS or models:/NAME/N), got {model}")
     if promote and split == "train":
-        raise UserError("--promote judges a model on faces it never saw: the train split cannot be the gate's "
-                        "evidence; use --split val or test", code=2)
+        raise BadInput("--promote judges a model on faces it never saw: the train split cannot be the gate's "
+                       "evidence; use --split val or test")
     context = {"gate.split": split, "gate.dataset": data_uri, "gate.metrics": ",".join(cfg.eval.gate_metrics)}
     if source:
         context["gate.source"] = source

@@ -26,12 +26,14 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from prouigan.inference import Hallucinator
+from prouigan_platform import run_names as names
 from prouigan_platform import storage
 from prouigan_platform.config import Config
 from prouigan_platform.dataset.manifest import Manifest
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, UserError
 from prouigan_platform.paths import store_root
 from prouigan_platform.tracking import dataset_name as tracking_dataset_name
+from prouigan_platform.training import checkpoints
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODEL_DESCRIPTION = (
@@ -65,8 +67,8 @@ class ModelCard:
         """A few, for the registry's version list; the description has the rest."""
         m = self.metrics
         tags = {"recipe": self.cfg.name, "dataset": self.dataset_name(),
-                "data_manifest_digest": self.manifest.digest}
-        for k in ("val_psnr", "val_bicubic_psnr"):
+                names.DATASET_DIGEST: self.manifest.digest}
+        for k in (names.VAL["psnr"], names.VAL["bicubic_psnr"]):
             if isinstance(m.get(k), (int, float)):
                 tags[k] = f"{m[k]:.2f}"
         return tags
@@ -86,8 +88,9 @@ class ModelCard:
 
         uri = f"models:/{name}/{version}"
         summary = f"Pro-UIGAN {self.cfg.model.preset}, recipe {self.cfg.name}, dataset {self.dataset_name()}"
-        if isinstance(m.get("val_psnr"), (int, float)) and isinstance(m.get("val_bicubic_psnr"), (int, float)):
-            summary += f": val PSNR {m['val_psnr']:.2f} dB (bicubic {m['val_bicubic_psnr']:.2f} dB)"
+        psnr, bicubic = m.get(names.VAL["psnr"]), m.get(names.VAL["bicubic_psnr"])
+        if isinstance(psnr, (int, float)) and isinstance(bicubic, (int, float)):
+            summary += f": val PSNR {psnr:.2f} dB (bicubic {bicubic:.2f} dB)"
         lines = [
             summary + ".",
             f"Trained by MLflow run `{self.run_id}`; best checkpoint at step {m.get('step', '?')}: "
@@ -113,8 +116,10 @@ class ModelCard:
 
 
 def generator_only(checkpoint_file: str | Path, out: Path) -> Path:
-    """The generator part of a training checkpoint (what serving needs), as a small file."""
+    """The generator part of a training checkpoint (what serving needs), as a small file; a generator file as is."""
     state = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "step" in state:  # a training checkpoint (else a generator file already)
+        state = checkpoints.TrainingState.from_dict(state, str(checkpoint_file)).generator
     torch.save({k: state[k] for k in ("format", "generator_config", "generator")}, out)
     return out
 
@@ -127,10 +132,18 @@ def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias:
     # recorded, not shown: MLflow warns that it does not validate an input hinted Any (serving.as_faces does)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True):
         gen = generator_only(checkpoint_file, Path(tmp) / "generator.pt")
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE),
-                                           artifacts={"generator": str(gen)},
-                                           input_example=[_example_thumbnail()])
+        # log_model links the model to the fluent API's active run, whose context would end the training's run
+        # FINISHED on the way out: the run is put back to RUNNING at once, and its pipeline's run_scope ends it
+        # with the pipeline's outcome
+        status = client.get_run(run_id).info.status
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE),
+                                               artifacts={"generator": str(gen)},
+                                               input_example=[_example_thumbnail()])
+        finally:
+            if status == "RUNNING":
+                client.update_run(run_id, status="RUNNING")
     try:
         client.create_registered_model(name, description=MODEL_DESCRIPTION)
     except MlflowException as e:
@@ -139,7 +152,7 @@ def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias:
     with tempfile.TemporaryDirectory() as tmp:  # what was stored, as the store holds it
         files = files_sha256(Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp)))
     version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                          tags={**(card.tags() if card else {}), TAG_FILES: _digest(files)})
+                                          tags={**(card.tags() if card else {}), names.FILES_SHA256: _digest(files)})
     storage.create_exclusive(_record_uri(name, version.version), json.dumps(
         {"name": name, "version": version.version, "source": info.model_uri, "files": files}, indent=1).encode())
     if card is not None:
@@ -148,7 +161,6 @@ def log_and_register(checkpoint_file: str | Path, run_id: str, name: str, alias:
     return version
 
 
-TAG_FILES = "prouigan.files_sha256"  # on each version: the sha256 of its files' record (the record is in the store)
 
 
 # written by the MLflow client into what it downloads through a models:/NAME/VERSION URI (the name and version it
@@ -184,10 +196,10 @@ def verified_files(model: str, version, dst: Path) -> Path:
     want = json.loads(storage.read_bytes(uri))["files"]
     have = files_sha256(root)
     changed = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    tag = (version.tags or {}).get(TAG_FILES)
+    tag = (version.tags or {}).get(names.FILES_SHA256)
     if changed or (tag is not None and tag != _digest(want)):
         what = ", ".join(f"{k} ({'added' if k not in want else 'removed' if k not in have else 'changed'})"
-                         for k in changed[:3]) or f"its {TAG_FILES} tag"
+                         for k in changed[:3]) or f"its {names.FILES_SHA256} tag"
         raise UserError(f"{model} (v{version.version}): its files are not the ones registered: {what}; refused "
                         "(nothing of it was loaded). Register it again from its checkpoint")
     return root
@@ -198,9 +210,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu", code=2)
+        raise BadInput(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"--device {device}: expected cpu, cuda, cuda:N or auto", code=2)
+        raise BadInput(f"--device {device}: expected cpu, cuda, cuda:N or auto")
     return device
 
 
@@ -240,7 +252,7 @@ def registered_version(model: str):
     client = mlflow.MlflowClient()
     name, _, version = ref.partition("/")
     if "@" not in ref and not version.isdigit():
-        raise UserError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model}", code=2)
+        raise BadInput(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model}")
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)

@@ -23,6 +23,7 @@ import mlflow
 
 from prouigan.presets import generator_config
 from prouigan_platform import gate, tracking
+from prouigan_platform import run_names as names
 from prouigan_platform.config import ConfigError
 from prouigan_platform.dataset.build import build_version
 from prouigan_platform.dataset.sources import list_sources
@@ -37,7 +38,7 @@ from prouigan_platform.training.driver import train_and_register
 def _champion_digest(champion) -> str | None:
     if champion is None:
         return None
-    return mlflow.MlflowClient().get_run(champion.run_id).data.tags.get(tracking.TAG_DATASET_DIGEST)
+    return mlflow.MlflowClient().get_run(champion.run_id).data.tags.get(names.DATASET_DIGEST)
 
 
 def _init_from_champion(cfg, champion) -> dict:
@@ -91,18 +92,18 @@ def retrain(cfg, log=print) -> dict:
                 trained = train_and_register(tcfg, manifest, init=init, tags={"retrain_run": run_id})
                 if not trained["version"]:
                     raise RuntimeError("training reported no checkpoint; nothing to evaluate")
-                client.set_tag(run_id, "candidate", trained["version"])
+                client.set_tag(run_id, names.CANDIDATE, trained["version"])
                 step = "evaluate"
                 result = evaluate_model(cfg, trained["version"], manifest.uri, cfg.eval.split,
                                         outputs_dir("retrain", f"v{version_no:04d}"), promote=True, log=log,
                                         source=cfg.eval.source)
                 decision = result["gate"]
-                client.set_tag(run_id, "gate.decision", decision["decision"])
-                client.set_tag(run_id, "gate.reason", decision["reason"][:tracking.ERROR_CHARS])
+                client.set_tag(run_id, names.GATE_DECISION, decision["decision"])
+                client.set_tag(run_id, names.GATE_REASON, decision["reason"][:tracking.ERROR_CHARS])
                 if not result.get("complete", True):
                     raise RuntimeError(f"partial evaluation: {decision['reason']}")
             except BaseException:
-                client.set_tag(run_id, "failed_step", step)
+                client.set_tag(run_id, names.FAILED_STEP, step)
                 raise
         log(f"retrain: {decision['decision']} {trained['version']}: {decision['reason']}")
         return {"status": decision["decision"], "version": trained["version"], "dataset": manifest.uri,

@@ -28,13 +28,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from prouigan_platform import run_names as names
 from prouigan_platform import tracking
 from prouigan_platform.config import apply_overrides, validate
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.paths import state_dir
 from prouigan_platform.training.driver import check_mix, fit, storage_args
-
-TAG_TRIAL, TAG_STUDY, TAG_STOPPED_EARLY = "tune_trial", "tune_study", "stopped_early"
 
 
 def _key(dotted: str) -> str:
@@ -59,8 +58,8 @@ class ValidationToMlflow(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]
-        step = int(m.get("val_step", m.get("step", 0)))
-        values = {k: float(v) for k, v in m.items() if k.startswith("val_") and k != "val_step"
+        step = int(m.get(names.VAL_STEP, m.get("step", 0)))
+        values = {k: float(v) for k, v in m.items() if k.startswith("val_") and k != names.VAL_STEP
                   and isinstance(v, (int, float)) and math.isfinite(v)}
         try:
             mlflow.MlflowClient().log_batch(self.run_id, metrics=[
@@ -77,7 +76,7 @@ def run_trial(params: dict, ctx: dict) -> None:
     if ctx.get("parent_run_id"):
         run_id = tracking.open_run(cfg, "tune-trial", f"trial-{trial_id}", manifest=mf.load(ctx["manifest_uri"]),
                                    parent_run_id=ctx["parent_run_id"],
-                                   tags={TAG_TRIAL: trial_id, TAG_STUDY: ctx["study"]})
+                                   tags={names.TUNE_TRIAL: trial_id, names.TUNE_STUDY: ctx["study"]})
     try:
         callbacks = ([ValidationToMlflow(run_id)] if run_id else []) + [TuneReportCallback()]
         result = fit(cfg, ctx["manifest_uri"], run_id, callbacks=callbacks, validation_logged=bool(run_id))
@@ -195,9 +194,9 @@ def close_trials(experiment_id: str, trials: list[Trial]) -> None:
     ran to the end (a crashed trial ended its own run FAILED)."""
     client = mlflow.MlflowClient()
     for t in trials:
-        found = client.search_runs([experiment_id], f"tags.{TAG_TRIAL} = '{t.trial_id}'", max_results=1)
+        found = client.search_runs([experiment_id], f"tags.{names.TUNE_TRIAL} = '{t.trial_id}'", max_results=1)
         if found and t.status == "stopped early":
-            client.set_tag(found[0].info.run_id, TAG_STOPPED_EARLY, "true")
+            client.set_tag(found[0].info.run_id, names.STOPPED_EARLY, "true")
             tracking.end_run(found[0].info.run_id, stopped=f"stopped early by ASHA after {t.reports} report(s)")
         elif found and t.status == "complete":
             tracking.end_run(found[0].info.run_id)
@@ -208,7 +207,8 @@ def run_search(cfg, manifest: mf.Manifest, out_dir: Path) -> SearchOutcome:
     ``out_dir/best.yaml`` and logged.  Ray must be initialised."""
     parent = None
     if tracking.enabled():
-        parent = tracking.open_run(cfg, "tune", f"{cfg.name}-search", manifest=manifest, tags={TAG_STUDY: cfg.name})
+        parent = tracking.open_run(cfg, "tune", f"{cfg.name}-search", manifest=manifest,
+                                   tags={names.TUNE_STUDY: cfg.name})
     else:
         print("[tune] MLFLOW_TRACKING_URI not set: searching without tracking", file=sys.stderr)
     with tracking.run_scope(parent):

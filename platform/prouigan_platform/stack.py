@@ -26,11 +26,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import psutil
 
+from prouigan_platform.errors import Exit
 from prouigan_platform.local_files import fsync_dir, write_local_atomic
 
 LOOPBACK = "127.0.0.1"
@@ -52,7 +54,7 @@ SINGLE_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 class StackError(RuntimeError):
     """A stack operation failed; the message says which service and why."""
 
-    def __init__(self, message: str, code: int = 1):
+    def __init__(self, message: str, code: int = Exit.FAILED):
         super().__init__(message)
         self.code = code
 
@@ -307,28 +309,30 @@ def _bin(name: str) -> str:
     return found
 
 
-def _command(name: str, spec: StackSpec) -> list[str]:
+def _s3_command(spec: StackSpec) -> list[str]:
+    return [_bin("moto_server"), "-H", spec.host, "-p", str(spec.s3_port)]
+
+
+def _mlflow_command(spec: StackSpec) -> list[str]:
     state = spec.state_dir.resolve()
-    if name == "s3":
-        return [_bin("moto_server"), "-H", spec.host, "-p", str(spec.s3_port)]
-    if name == "mlflow":
-        artifacts = f"s3://{spec.bucket}/mlflow-artifacts" if spec.s3 else str(Path(spec.store) / "mlflow-artifacts")
-        return [
-            _bin("mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
-            "--artifacts-destination", artifacts,
-            "--host", spec.host, "--port", str(spec.mlflow_port), "--workers", "1",
-        ]
-    if name == "ray":
-        return [
-            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-            f"--node-ip-address={spec.host}", f"--port={spec.ray_port}",
-            "--include-dashboard=true", f"--dashboard-host={spec.host}", f"--dashboard-port={spec.dashboard_port}",
-            f"--ray-client-server-port={spec.ray_client_port}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--num-cpus={spec.ray_num_cpus}", f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
-        ]
-    raise KeyError(name)
+    artifacts = f"s3://{spec.bucket}/mlflow-artifacts" if spec.s3 else str(Path(spec.store) / "mlflow-artifacts")
+    return [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+        "--artifacts-destination", artifacts,
+        "--host", spec.host, "--port", str(spec.mlflow_port), "--workers", "1",
+    ]
+
+
+def _ray_command(spec: StackSpec) -> list[str]:
+    return [
+        _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
+        f"--node-ip-address={spec.host}", f"--port={spec.ray_port}",
+        "--include-dashboard=true", f"--dashboard-host={spec.host}", f"--dashboard-port={spec.dashboard_port}",
+        f"--ray-client-server-port={spec.ray_client_port}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--num-cpus={spec.ray_num_cpus}", f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
+    ]
 
 
 def _ray_token(spec: StackSpec) -> str:
@@ -342,25 +346,17 @@ def _ray_token(spec: StackSpec) -> str:
     return path.read_text().strip()
 
 
-def _healthy(name: str, spec: StackSpec) -> bool:
-    if name == "s3":
-        return _http_ok(f"{spec.s3_endpoint}/")  # ListBuckets: cheap (moto-api/data.json dumps every object)
-    if name == "mlflow":
-        return _http_ok(f"{spec.mlflow_uri}/health")
-    if name == "ray":
-        token = spec.token_file.read_text().strip() if spec.token_file.exists() else ""
-        return _http_ok(f"{spec.dashboard_url}/api/gcs_healthz", token=token)
-    raise KeyError(name)
+def _ray_healthy(spec: StackSpec) -> bool:
+    token = spec.token_file.read_text().strip() if spec.token_file.exists() else ""
+    return _http_ok(f"{spec.dashboard_url}/api/gcs_healthz", token=token)
 
 
 def _urls(spec: StackSpec) -> dict[str, str]:
-    urls = {
-        "ray": f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address}; token in {spec.token_file})",
-        "mlflow": spec.mlflow_uri,
-        "store": spec.store,
-    }
+    """What `up` and `status` print for each service, in the order `up` prints them, and the store."""
+    urls = {name: SERVICE_TABLE[name].url(spec) for name in ("ray", "mlflow")}
+    urls["store"] = spec.store
     if spec.s3:
-        urls["s3"] = f"{spec.s3_endpoint}  (bucket s3://{spec.bucket}, in memory: snapshotted at down)"
+        urls["s3"] = SERVICE_TABLE["s3"].url(spec)
     return urls
 
 
@@ -465,7 +461,7 @@ def check_host(host: str) -> None:
         raise StackError(f"--host {host}: the embedded stack listens on loopback only (127.0.0.1): its MLflow and S3 "
                          "test server have no authentication and Ray would listen on every interface. For a shared "
                          "deployment use infra/ (MLflow behind basic auth, Ray with a token, NetworkPolicies)",
-                         code=2)
+                         code=Exit.BAD_INPUT)
 
 
 def private(root: Path) -> None:
@@ -522,7 +518,7 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
                 f"{name}: port {busy[0]} on {spec.host} is already in use by another program; "
                 f"free it or choose another port (prouigan platform up --{name}-port N)"
             )
-        cmd = _command(name, spec)
+        cmd = SERVICE_TABLE[name].command(spec)
         log_path = spec.state_dir / "logs" / f"{name}.log"
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
@@ -535,8 +531,8 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
         _save_state(spec, services)
         log(f"{name}: starting (pid {proc.pid}, log {log_path})")
         _wait_healthy(name, spec, rec)
-        if name == "s3":
-            _s3_restore(spec, log)
+        if SERVICE_TABLE[name].after_start is not None:
+            SERVICE_TABLE[name].after_start(spec, log)
         log(f"{name}: healthy")
     _save_state(spec, services)
     for name, url in _urls(spec).items():
@@ -545,10 +541,38 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     return services
 
 
+@dataclass(frozen=True)
+class Service:
+    """One embedded service: how it starts, when it is healthy, what its address is, what happens after it
+    started and before it stops.  ``SERVICES`` gives the start order (stop: the reverse); ``spec.ports()`` its
+    ports, checked free before it starts; its log is ``logs/<name>.log`` in the state folder."""
+
+    name: str
+    command: Callable[[StackSpec], list[str]]
+    healthy: Callable[[StackSpec], bool]
+    url: Callable[[StackSpec], str]
+    after_start: Callable[[StackSpec, Callable], None] | None = None
+    before_stop: Callable[[StackSpec, Callable], None] | None = None  # raising keeps the service running
+
+
+SERVICE_TABLE = {
+    "s3": Service("s3", _s3_command,
+                  lambda spec: _http_ok(f"{spec.s3_endpoint}/"),  # ListBuckets: cheap (moto-api dumps every object)
+                  lambda spec: f"{spec.s3_endpoint}  (bucket s3://{spec.bucket}, in memory: snapshotted at down)",
+                  after_start=lambda spec, log: _s3_restore(spec, log),
+                  before_stop=lambda spec, log: _s3_snapshot(spec, log)),
+    "mlflow": Service("mlflow", _mlflow_command, lambda spec: _http_ok(f"{spec.mlflow_uri}/health"),
+                      lambda spec: spec.mlflow_uri),
+    "ray": Service("ray", _ray_command, _ray_healthy,
+                   lambda spec: f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address}; token in {spec.token_file})"),
+}
+assert tuple(SERVICE_TABLE) == SERVICES
+
+
 def _wait_healthy(name: str, spec: StackSpec, rec: ServiceRecord) -> None:
     deadline = time.monotonic() + spec.timeout_s
     while time.monotonic() < deadline:
-        if _healthy(name, spec):
+        if SERVICE_TABLE[name].healthy(spec):
             return
         if alive(rec) is None:
             tail = Path(rec.log).read_text(errors="replace").strip().splitlines()[-5:]
@@ -567,7 +591,7 @@ def status(state_dir: Path) -> list[dict]:
             "service": name,
             "pid": rec.pid if rec else None,
             "running": running,
-            "healthy": bool(running and spec is not None and _healthy(name, spec)),
+            "healthy": bool(running and spec is not None and SERVICE_TABLE[name].healthy(spec)),
             "url": _urls(spec)[name] if spec else "",
         })
     return rows
@@ -599,15 +623,15 @@ def down(state_dir: Path, log=print, timeout_s: float = 30.0, force: bool = Fals
                 _stop_leftovers(rec, log)
             log(f"{name}: not running")
             continue
-        if name == "s3":
+        if SERVICE_TABLE[name].before_stop is not None:
             try:
-                _s3_snapshot(spec, log)
+                SERVICE_TABLE[name].before_stop(spec, log)
             except Exception as e:
                 if not force:
-                    raise StackError(f"s3: could not save the bucket contents ({type(e).__name__}: {e}); the S3 "
-                                     "server is left running so nothing is lost. Fix the cause, or "
-                                     "`prouigan platform down --force` to stop it and lose unsaved objects") from e
-                log(f"s3: WARNING could not snapshot objects ({e}); --force: unsaved objects are lost")
+                    raise StackError(f"{name}: could not save what it holds ({type(e).__name__}: {e}); it is left "
+                                     "running so nothing is lost. Fix the cause, or `prouigan platform down "
+                                     "--force` to stop it and lose what it did not save") from e
+                log(f"{name}: WARNING could not save what it holds ({e}); --force: what it did not save is lost")
         # SIGTERM the service's main process first so it can stop its own children (ray start --block
         # tears down GCS, raylet and workers); then whatever of the tree is left gets SIGTERM, then SIGKILL.
         tree = [proc, *proc.children(recursive=True)]

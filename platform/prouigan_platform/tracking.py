@@ -25,19 +25,11 @@ import mlflow
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+from prouigan_platform import run_names as names
 from prouigan_platform.config import Config
 from prouigan_platform.dataset.manifest import Manifest
 from prouigan_platform.errors import stop_reason
 
-# the tag vocabulary of every run the platform makes
-TAG_PIPELINE = "pipeline"  # train, tune, tune-trial, retrain, hello
-TAG_GIT = "git_commit"
-TAG_CONFIG_DIGEST = "config_digest"
-TAG_DATASET = "data_manifest"  # the manifest URI of the dataset version the run read
-TAG_DATASET_DIGEST = "data_manifest_digest"
-TAG_TRAIN_NAME = "train_name"  # a training's name: a re-run of the name re-opens its run
-TAG_ERROR = "error"
-TAG_STOPPED = "stopped"  # why a KILLED run was stopped
 ERROR_CHARS = 4000  # an error tag holds at most this much (MLflow's tag values are limited to 5,000)
 
 
@@ -77,7 +69,7 @@ def log_config(run_id: str, config: Config) -> None:
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
     client.log_text(run_id, config.to_yaml(redacted=True), "config.yaml")
-    client.set_tag(run_id, TAG_CONFIG_DIGEST, config.digest())
+    client.set_tag(run_id, names.CONFIG_DIGEST, config.digest())
 
 
 def dataset_name(manifest: Manifest) -> str:
@@ -128,10 +120,15 @@ def open_run(config: Config, pipeline: str, run_name: str, *, manifest: Manifest
             run_id = found[0].info.run_id
             for k, v in (tags or {}).items():
                 client.set_tag(run_id, k, v)
+            if manifest is not None and found[0].data.tags.get(names.DATASET_DIGEST) != manifest.digest:
+                # resumed on another dataset version: the run's lineage names the one it goes on with
+                client.set_tag(run_id, names.DATASET, manifest.uri)
+                client.set_tag(run_id, names.DATASET_DIGEST, manifest.digest)
+                log_dataset(run_id, manifest, "tuning" if pipeline.startswith("tune") else "training")
             client.update_run(run_id, status="RUNNING")
             return run_id
     # mlflow.note.content is the run's description on its page; mlflow.source.name its "Source"
-    all_tags = {TAG_PIPELINE: pipeline, TAG_GIT: git_commit(), "mlflow.source.name": f"prouigan {pipeline}",
+    all_tags = {names.PIPELINE: pipeline, names.GIT: git_commit(), "mlflow.source.name": f"prouigan {pipeline}",
                 "mlflow.source.type": "JOB",
                 "mlflow.note.content": f"`prouigan {pipeline}` of recipe `{config.name}`"
                 + (f" on dataset `{dataset_name(manifest)}` ({manifest.uri})" if manifest else "") + ".",
@@ -141,7 +138,7 @@ def open_run(config: Config, pipeline: str, run_name: str, *, manifest: Manifest
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if manifest is not None:
-        all_tags.update({TAG_DATASET: manifest.uri, TAG_DATASET_DIGEST: manifest.digest})
+        all_tags.update({names.DATASET: manifest.uri, names.DATASET_DIGEST: manifest.digest})
     run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
     log_config(run_id, config)
     if manifest is not None:
@@ -159,9 +156,9 @@ def end_run(run_id: str | None, error: BaseException | None = None, stopped: str
     try:
         client = mlflow.MlflowClient()
         if status == "KILLED":
-            client.set_tag(run_id, TAG_STOPPED, stopped or stop_reason(error))
+            client.set_tag(run_id, names.STOPPED, stopped or stop_reason(error))
         elif error is not None:
-            client.set_tag(run_id, TAG_ERROR, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
+            client.set_tag(run_id, names.ERROR, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
         client.set_terminated(run_id, status)
     except Exception as e:
         print(f"[tracking] could not mark MLflow run {run_id} {status}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, UserError
 
 MAX_IMAGE_PIXELS = 100_000_000  # a photo's pixels, from its header (the dataset build's limit too)
 
@@ -26,7 +26,7 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else \
             "not a regular file"
-        raise UserError(f"{what} {path} is {kind}, not a regular file: refused", code=2)
+        raise BadInput(f"{what} {path} is {kind}, not a regular file: refused")
     return path
 
 
@@ -38,11 +38,11 @@ def open_image(path: str | Path, what: str = "image", max_pixels: int = MAX_IMAG
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
         if im.width * im.height > max_pixels:
-            raise UserError(f"{what} {path} is {im.width}x{im.height} pixels ({im.width * im.height / 1e6:.0f} MP); "
-                            f"the limit is {max_pixels / 1e6:.0f} MP: refused before decoding", code=2)
+            raise BadInput(f"{what} {path} is {im.width}x{im.height} pixels ({im.width * im.height / 1e6:.0f} MP); "
+                           f"the limit is {max_pixels / 1e6:.0f} MP: refused before decoding")
         im.load()
     except UserError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{what} {path} is not a readable image ({type(e).__name__})", code=2) from None
+        raise BadInput(f"{what} {path} is not a readable image ({type(e).__name__})") from None
     return im

@@ -23,7 +23,7 @@ from PIL import Image
 from prouigan.degradation import upsample_bicubic
 from prouigan_platform.config import load_config
 from prouigan_platform.dataset import manifest as mf
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import Exit, UserError
 from prouigan_platform.evaluation import comparison_grid, load_split
 from prouigan_platform.paths import outputs_dir
 from prouigan_platform.registry import resolve_model
@@ -93,7 +93,7 @@ def run(args=None) -> int:
           f"\n  crowd          {crowd_pic}  (bicubic | restored, {crowd.name} upscaled)"
           f"\n  model          {model}  (report: {OUT / 'evaluate' / 'report.md'})"
           "\nStop the stack with `prouigan platform down` (data stays in .platform/).")
-    return 0 if beats else 1
+    return Exit.OK if beats else Exit.FAILED
 
 
 def compare_picture(overrides: list[str], model: str, path: Path, n: int = 8) -> Path:

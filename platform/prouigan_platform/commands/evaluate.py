@@ -14,7 +14,7 @@ same inputs); a partial or failed evaluation never promotes, and exits 1.
 from __future__ import annotations
 
 from prouigan_platform.config import config_from_args
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import Exit, UserError
 from prouigan_platform.paths import outputs_dir
 from prouigan_platform.promotion import dataset_uri, evaluate_model, slug
 from prouigan_platform.registry import resolve_device
@@ -32,5 +32,5 @@ def run(args) -> int:
     result = evaluate_model(cfg, args.model, data, split, out, args.promote, device, source=source)
     gate_result = result.get("gate", {})
     if args.promote and gate_result.get("decision") == "refused" and not result.get("complete", True):
-        return 1  # a partial evaluation is a failure, not just a refusal
-    return 0
+        return Exit.FAILED  # a partial evaluation is a failure, not just a refusal
+    return Exit.OK

@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, Exit, UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.registry import resolve_device, resolve_model
 from prouigan_platform.storage import write_png
@@ -39,8 +39,8 @@ def run(args) -> int:
         by_stem[f.stem].append(f.name)
     clash = {s: n for s, n in by_stem.items() if len(n) > 1}
     if clash:
-        raise UserError("two inputs would write the same output: " + "; ".join(
-            f"{' and '.join(n)} -> {s}.png" for s, n in sorted(clash.items())) + " (rename one)", code=2)
+        raise BadInput("two inputs would write the same output: " + "; ".join(
+            f"{' and '.join(n)} -> {s}.png" for s, n in sorted(clash.items())) + " (rename one)")
     thumbs, bad = [], []
     for f in files:
         try:
@@ -55,7 +55,7 @@ def run(args) -> int:
             im = im.resize((16, 16), Image.BICUBIC, reducing_gap=None)
         thumbs.append((f, np.asarray(im)))
     if bad:
-        raise UserError("; ".join(bad), code=2)
+        raise BadInput("; ".join(bad))
     model = resolve_model(args.model, device)
     args.output.mkdir(parents=True, exist_ok=True)
     progress = Progress("hallucinate", len(thumbs), "faces", every=10)
@@ -66,4 +66,4 @@ def run(args) -> int:
             write_png(args.output / (f.stem + ".png"), img)
         progress.update(len(chunk))
     print(f"wrote {len(thumbs)} faces (128x128 PNG) to {args.output}")
-    return 0
+    return Exit.OK

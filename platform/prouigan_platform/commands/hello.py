@@ -12,6 +12,7 @@ import mlflow
 import ray
 
 from prouigan_platform.config import config_from_args
+from prouigan_platform.errors import Exit
 from prouigan_platform.runtime import init_ray, require_env
 from prouigan_platform.tracking import start_run
 
@@ -41,4 +42,4 @@ def run(args) -> int:
     print(f"mlflow: run {r.info.run_id} in experiment '{config.tracking.experiment}', artifacts {artifacts} at "
           f"{r.info.artifact_uri}")
     print(f"mlflow: {os.environ['MLFLOW_TRACKING_URI']}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}")
-    return 0
+    return Exit.OK

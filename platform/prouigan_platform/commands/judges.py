@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prouigan_platform import judging
 from prouigan_platform.config import config_from_args
+from prouigan_platform.errors import Exit
 
 
 def run(args) -> int:
@@ -26,7 +27,7 @@ def run(args) -> int:
                                      seed=args.seed)
     print(f"judges: stored {j.label} at {judging.judges_root(j.kind)}/v{j.version:04d}.json; `prouigan evaluate` "
           "uses the latest of each")
-    return 0
+    return Exit.OK
 
 
 def _list() -> int:
@@ -47,4 +48,4 @@ def _list() -> int:
     if not any_:
         print(f"no judge stored under {judging.judges_root('parser').rsplit('/', 1)[0]}; train them with "
               "`prouigan judges train parser` and `prouigan judges train expression`")
-    return 0
+    return Exit.OK

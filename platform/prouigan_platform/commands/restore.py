@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from prouigan_platform.dataset.labeler import DlibMissing, model_dir, require_dlib
 from prouigan_platform.detection import DEFAULT_THRESHOLD, DEFAULT_UPSAMPLE, DetectorMissing, detect
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, Exit, UserError
 from prouigan_platform.progress import Progress
 from prouigan_platform.storage import write_bytes_atomic, write_png
 from prouigan_platform.user_files import MAX_IMAGE_PIXELS, open_image, regular_file
@@ -43,7 +43,7 @@ REACH = {"yunet": "faces under about 10 px wide (5 px between the eyes)",
 def _thumbnail(path) -> np.ndarray:
     im = open_image(path, "--thumbnail")
     if im.size != (16, 16):
-        raise UserError(f"--thumbnail {path} is {im.size[0]}x{im.size[1]}, expected 16x16", code=2)
+        raise BadInput(f"--thumbnail {path} is {im.size[0]}x{im.size[1]}, expected 16x16")
     return np.asarray(im.convert("RGB"))
 
 
@@ -61,13 +61,13 @@ def _check_outputs(args) -> None:
             writers[name].append(str(p))
     clash = {n: w for n, w in writers.items() if len(w) > 1}
     if clash:
-        raise UserError("two photos would write the same output: " + "; ".join(
-            f"{' and '.join(w)} -> {n}" for n, w in sorted(clash.items())) + " (rename one)", code=2)
+        raise BadInput("two photos would write the same output: " + "; ".join(
+            f"{' and '.join(w)} -> {n}" for n, w in sorted(clash.items())) + " (rename one)")
     out = args.output.resolve()
     hit = [str(p) for p in args.photos if p.resolve().parent == out and p.name in writers]
     if hit:
-        raise UserError(f"--output {args.output} holds {', '.join(hit)}, which the results would overwrite; choose "
-                        "another folder", code=2)
+        raise BadInput(f"--output {args.output} holds {', '.join(hit)}, which the results would overwrite; choose "
+                       "another folder")
 
 
 def _sizes(args) -> dict[Path, tuple[int, int] | None]:
@@ -91,15 +91,14 @@ def _sizes(args) -> dict[Path, tuple[int, int] | None]:
         if size is None:
             continue
         if size[0] * size[1] > MAX_IMAGE_PIXELS:
-            raise UserError(f"photo {path} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} MP); the "
-                            f"limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP: refused before decoding; nothing written",
-                            code=2)
+            raise BadInput(f"photo {path} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} MP); the "
+                           f"limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP: refused before decoding; nothing written")
         n = 1 if args.upscale == "auto" else args.upscale
         if size[0] * size[1] * n * n > cap:
             what = f"x{n} makes it {size[0] * n}x{size[1] * n}" if n > 1 else "it is"
-            raise UserError(f"{path}: {size[0]}x{size[1]} px; {what}, {size[0] * size[1] * n * n / 1e6:.0f} "
-                            f"megapixels, over the {args.max_megapixels:g}-megapixel cap (--max-megapixels); "
-                            "nothing written", code=2)
+            raise BadInput(f"{path}: {size[0]}x{size[1]} px; {what}, {size[0] * size[1] * n * n / 1e6:.0f} "
+                           f"megapixels, over the {args.max_megapixels:g}-megapixel cap (--max-megapixels); "
+                           "nothing written")
     return sizes
 
 
@@ -133,7 +132,7 @@ def run(args) -> int:
         raise UserError(f"--output {args.output} is a file, not a folder")
     _check_outputs(args)
     if args.threshold is not None and args.detector != "yunet":
-        raise UserError("--threshold is YuNet's least score; dlib's detector takes none", code=2)
+        raise BadInput("--threshold is YuNet's least score; dlib's detector takes none")
     args.upsample = DEFAULT_UPSAMPLE[args.detector] if args.upsample is None else args.upsample
     args.threshold = DEFAULT_THRESHOLD if args.threshold is None and args.detector == "yunet" else args.threshold
     sizes = _sizes(args)
@@ -192,7 +191,7 @@ def run(args) -> int:
     extra = (f"; no face in {len(no_face)}" if no_face else "") + (
         f"; {len(unreadable)} unreadable" if unreadable else "")
     print(f"restored {done} of {len(args.photos)} photo(s) into {args.output}{extra}")
-    return 0 if done else 1
+    return Exit.OK if done else Exit.FAILED
 
 
 def _size_range(faces) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from prouigan_platform.config import config_from_args
+from prouigan_platform.errors import Exit
 from prouigan_platform.retraining import retrain
 from prouigan_platform.runtime import init_ray
 
@@ -16,4 +17,4 @@ def run(args) -> int:
     t0 = time.time()
     out = retrain(cfg)
     print(f"retrain: {out['status']} in {time.time() - t0:.0f} s")
-    return 3 if out["status"] == "busy" else 0
+    return Exit.BUSY if out["status"] == "busy" else Exit.OK

@@ -16,13 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, Exit, UserError
 
 
 def run(args) -> int:
     if not args.model.startswith("models:/"):
-        raise UserError(f"serve takes a registered version (models:/NAME@ALIAS or models:/NAME/N), got {args.model}: "
-                        "only those have a record of their files to check", code=2)
+        raise BadInput(f"serve takes a registered version (models:/NAME@ALIAS or models:/NAME/N), got {args.model}: "
+                       "only those have a record of their files to check")
     from prouigan_platform.registry import files_sha256, registered_version, verified_files
 
     version = registered_version(args.model)
@@ -36,4 +36,4 @@ def run(args) -> int:
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     os.execve(mlflow, [mlflow, "models", "serve", "-m", str(root), "--env-manager", "local", "-h", args.host,
                        "-p", str(args.port)], env)
-    return 0  # not reached: this process is the server now
+    return Exit.OK  # not reached: this process is the server now

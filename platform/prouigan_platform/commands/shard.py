@@ -16,7 +16,7 @@ from collections import Counter
 from prouigan_platform.config import config_from_args
 from prouigan_platform.dataset.build import SettingsChanged, build_version
 from prouigan_platform.dataset.sources import SourceError, list_sources
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, Exit, UserError
 from prouigan_platform.runtime import init_ray
 
 
@@ -32,14 +32,14 @@ def run(args) -> int:
     try:
         result = build_version(records, cfg.data, root, engine="ray", progress_every=10, wait_s=args.wait)
     except SettingsChanged as e:
-        raise UserError(str(e), code=2) from None
+        raise BadInput(str(e)) from None
     if result.manifest is None:
         p = result.parent
         print(f"shard: nothing new — dataset version v{p.version:04d} ({p.uri}) is current")
-        return 0
+        return Exit.OK
     print(result.summary())
     if result.processed and not result.new_shards:
         reasons = Counter(q["reason"] for q in result.quarantined).most_common(1)
         raise UserError(f"none of the {result.processed} inputs was accepted (most common reason: "
                         f"{reasons[0][0] if reasons else '-'}); see the quarantine list in {result.manifest.uri}")
-    return 0
+    return Exit.OK

@@ -4,7 +4,7 @@ and tests on a machine without real faces."""
 from __future__ import annotations
 
 from prouigan.synthetic import synthetic_face, write_pts
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import Exit, UserError
 from prouigan_platform.progress import Progress
 
 
@@ -20,4 +20,4 @@ def run(args) -> int:
         write_pts(p.with_suffix(".pts"), lm)
         progress.update()
     print(f"wrote {args.count} synthetic faces to {args.out}")
-    return 0
+    return Exit.OK

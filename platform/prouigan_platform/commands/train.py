@@ -18,7 +18,7 @@ import ray.train
 
 from prouigan_platform.config import config_from_args
 from prouigan_platform.dataset import manifest as mf
-from prouigan_platform.errors import UserError
+from prouigan_platform.errors import BadInput, Exit
 from prouigan_platform.runtime import init_ray
 from prouigan_platform.training.driver import config_from_tune, tracking_off, train_and_register
 
@@ -26,7 +26,7 @@ from prouigan_platform.training.driver import config_from_tune, tracking_off, tr
 def run(args) -> int:
     if args.from_tune:
         if args.config:
-            raise UserError("give --config or --from-tune, not both", code=2)
+            raise BadInput("give --config or --from-tune, not both")
         cfg = config_from_tune(args.from_tune, args.overrides)
     else:
         cfg = config_from_args(args)
@@ -37,5 +37,5 @@ def run(args) -> int:
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as e:  # failed more often than max_failures
         print(f"prouigan train: error: training failed: {' '.join(str(e).split())[:600]}"
               + ("" if tracking_off() else "; its MLflow run is marked FAILED"), file=sys.stderr)
-        return 1
-    return 0 if out["checkpoint"] and (out["version"] or tracking_off()) else 1
+        return Exit.FAILED
+    return Exit.OK if out["checkpoint"] and (out["version"] or tracking_off()) else Exit.FAILED

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prouigan_platform.config import config_from_args
 from prouigan_platform.dataset import manifest as mf
+from prouigan_platform.errors import Exit
 from prouigan_platform.paths import outputs_dir
 from prouigan_platform.runtime import init_ray
 from prouigan_platform.search import NoTrialFinished, run_search
@@ -37,7 +38,7 @@ def run(args) -> int:
         if e.outcome is not None:
             _print_trials(cfg, e.outcome)
         print(f"[tune] {e}", file=sys.stderr)
-        return 1
+        return Exit.FAILED
     _print_trials(cfg, outcome)
     best, parent = outcome.best, outcome.parent_run_id
     print(f"[tune] best {cfg.tune.metric} {best.value:.3f} with "
@@ -46,4 +47,4 @@ def run(args) -> int:
           + (f" (also an artifact of MLflow run {parent})" if parent else ""))
     print(f"[tune] train the final model: prouigan train --config {outcome.best_yaml}"
           + (f"   or   prouigan train --from-tune {parent}" if parent else ""))
-    return 0
+    return Exit.OK

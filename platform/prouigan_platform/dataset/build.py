@@ -72,7 +72,7 @@ def write_tmp_shard(root: str, source: str, split: str, rows: list[dict], run: s
     sha = hashlib.sha256(data).hexdigest()
     tmp = storage.join(tmp_dir(root, run), f"{split}-{sha[:24]}.tar")
     storage.write_bytes_atomic(tmp, data)
-    samples = {r["key"]: [str(r["fingerprint"]), split, str(r["input"])] for r in rows}
+    samples = {r["key"]: mf.Sample(str(r["fingerprint"]), split, "", str(r["input"])) for r in rows}
     return {"tmp": tmp, "source": source, "split": split, "first_key": rows[0]["key"], "count": len(rows),
             "sha256": sha, "bytes": len(data), "samples": json.dumps(samples)}
 
@@ -279,7 +279,7 @@ def _build(records: list[dict], data_cfg: DataConfig, root: str, engine: str, pr
                               f"{settings}); write to a new data.output")
     meta = _check_sources(root, parent, sources_meta(data_cfg))
     # what the latest version holds, by input id -> fingerprint (accepted and quarantined alike)
-    known = {v[3]: v[0] for v in (parent.samples if parent else {}).values()}
+    known = {s.input: s.fingerprint for s in (parent.samples if parent else {}).values()}
     known.update({q["input"]: q["fingerprint"] for q in (parent.quarantine if parent else [])
                   if q["reason"] not in RETRY_REASONS})
     records, duplicates = dedupe(records)
@@ -332,20 +332,20 @@ def commit_version(root: str, parent: mf.Manifest | None, settings: dict, source
     version = (parent.version if parent else 0) + 1
     next_idx = mf.next_shard_index(root, parent)
     shards = list(parent.shards if parent else [])
-    samples = {k: list(v) for k, v in (parent.samples if parent else {}).items()}
+    samples = dict(parent.samples) if parent else {}
     superseded = {k: list(v) for k, v in (parent.superseded if parent else {}).items()}
     changed = {r["key"] for r in todo}
     # samples of changed inputs leave the version (re-accepted ones come back below, in new shards)
-    for key, (_fp, _split, name, inp) in list(samples.items()):
-        if inp in changed:
-            superseded.setdefault(name, []).append(key)
+    for key, s in list(samples.items()):
+        if s.input in changed:
+            superseded.setdefault(s.shard, []).append(key)
             del samples[key]
     for meta in sorted(shard_meta, key=lambda m: (mf.SPLITS.index(m["split"]), m["source"], m["first_key"])):
         name = f"{meta['split']}-{next_idx:06d}.tar"
         next_idx += 1
         storage.move_exclusive(meta["tmp"], storage.join(mf.shards_dir(root), name))
-        for key, (fp, split, inp) in json.loads(meta["samples"]).items():
-            samples[key] = [fp, split, name, inp]
+        for key, s in json.loads(meta["samples"]).items():
+            samples[key] = mf.Sample(*s)._replace(shard=name)
         shards.append({"name": name, "source": meta["source"], "split": meta["split"], "count": int(meta["count"]),
                        "sha256": meta["sha256"], "bytes": int(meta["bytes"]), "version_added": version})
     new_inputs = {r["input"] for r in quarantined} | changed
@@ -353,12 +353,12 @@ def commit_version(root: str, parent: mf.Manifest | None, settings: dict, source
     quarantine += [{"key": r["key"], "input": r["input"], "source": r["source"], "origin": r["origin"],
                     "reason": r["reason"], "detail": r["note"], "fingerprint": r["fingerprint"]} for r in quarantined]
     counts = {sp: 0 for sp in mf.SPLITS}
-    counts.update(Counter(v[1] for v in samples.values()))
+    counts.update(Counter(s.split for s in samples.values()))
     shard_source = {s["name"]: s.get("source") for s in shards}
     by_source: dict[str, dict[str, int]] = {}
-    for _fp, split, name, _inp in samples.values():
-        row = by_source.setdefault(shard_source.get(name) or "?", {sp: 0 for sp in mf.SPLITS})
-        row[split] += 1
+    for s in samples.values():
+        row = by_source.setdefault(shard_source.get(s.shard) or "?", {sp: 0 for sp in mf.SPLITS})
+        row[s.split] += 1
     q_by_source: dict[str, dict[str, int]] = {}
     for q in quarantine:
         row = q_by_source.setdefault(q["source"], {})

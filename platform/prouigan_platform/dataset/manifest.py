@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import webdataset as wds
 
@@ -49,13 +50,23 @@ def latest_version(root: str) -> int:
     return max(versions, default=0)
 
 
+class Sample(NamedTuple):
+    """One accepted face of a version, as the manifest's ``samples`` holds it under its key (a JSON list, in this
+    order): its input's fingerprint, its split, the shard that holds it (empty while a build writes it), its input."""
+
+    fingerprint: str
+    split: str
+    shard: str
+    input: str
+
+
 class Manifest(dict):
     """One dataset version: the JSON document ``manifests/vNNNN.json`` with typed fields, and where it was read from.
 
     It stays the JSON it is stored as (``json.dumps`` works, ``m["counts"]`` reads a field by the file's name) and
     reads as typed attributes (``m.version``, ``m.shards``, ...; ``m.uri``, ``m.base``: this file's URI and the
     folder its shards are found in, beside the manifest wherever the dataset moved).  ``shards`` (name, source,
-    split, count, sha256, bytes, version_added), ``samples`` (key -> [fingerprint, split, shard, input]) and
+    split, count, sha256, bytes, version_added), ``samples`` (key -> ``Sample``: fingerprint, split, shard, input) and
     ``quarantine`` rows are JSON records.  ``Manifest.of`` checks a document's fields and their types."""
 
     REQUIRED = {"format": str, "version": int, "root": str, "shards": list, "counts": dict}
@@ -87,7 +98,8 @@ class Manifest(dict):
     parent = property(lambda self: self.get("parent"))
     digest = property(lambda self: self.get("digest", ""), doc="names exactly this version's content")
     shards = property(lambda self: self["shards"])
-    samples = property(lambda self: self.get("samples", {}))
+    samples = property(lambda self: {k: Sample(*v) for k, v in self.get("samples", {}).items()},
+                       doc="key -> Sample of every accepted face")
     counts = property(lambda self: self["counts"])
     counts_by_source = property(lambda self: self.get("counts_by_source", {}))
     accepted = property(lambda self: int(self.get("accepted", 0)))

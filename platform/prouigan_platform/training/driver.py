@@ -15,10 +15,10 @@ from pathlib import Path
 import mlflow
 import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from prouigan.presets import generator_config
+from prouigan_platform import run_names as names
 from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config, ConfigError, load_config
 from prouigan_platform.dataset import manifest as mf
@@ -53,7 +53,7 @@ def check_resume(cfg: Config) -> str | None:
     uri = latest_checkpoint(cfg)
     if uri is None:
         return None
-    have = checkpoints.load(uri)["generator_config"]
+    have = checkpoints.load(uri).generator_config
     want = generator_config(cfg.model.preset, cfg.model.overrides).to_dict()
     diff = {k: (have.get(k), v) for k, v in want.items() if _norm(have.get(k)) != _norm(v)}
     if diff:
@@ -102,7 +102,7 @@ def fit(cfg: Config, manifest_uri: str, run_id: str | None, callbacks: list | No
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_best,
-                                                         checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_attribute=names.VAL["psnr"],
                                                          checkpoint_score_order="max")),
     )
     return trainer.fit()
@@ -127,7 +127,7 @@ def train_and_register(cfg: Config, manifest: mf.Manifest, init: dict | None = N
         print("[train] MLFLOW_TRACKING_URI not set: training without tracking", file=sys.stderr)
     else:
         run_id = tracking.open_run(cfg, "train", cfg.name, manifest=manifest,
-                                   find_tag=(tracking.TAG_TRAIN_NAME, cfg.name), tags=tags)
+                                   find_tag=(names.TRAIN_NAME, cfg.name), tags=tags)
     try:
         with tracking.run_scope(run_id):
             result = fit(cfg, manifest.uri, run_id, init=init)
@@ -147,8 +147,7 @@ def check_data(cfg: Config, manifest: mf.Manifest, result) -> None:
     if last is None:
         return
     with last.as_directory() as d:
-        skipped = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True).get(
-            "shards_skipped", [])
+        skipped = checkpoints.load(str(d)).shards_skipped
     if skipped and not cfg.train.allow_partial_data:
         raise UserError(f"trained on less than dataset {manifest.uri}: {len(skipped)} train shard(s) could not be "
                         f"read ({', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}); nothing registered. "
@@ -161,24 +160,24 @@ def check_data(cfg: Config, manifest: mf.Manifest, result) -> None:
 def _register(cfg: Config, manifest: mf.Manifest, result, run_id: str | None) -> dict:
     out = {"run_id": run_id, "checkpoint": None, "version": None}
     check_data(cfg, manifest, result)
-    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_psnr", float("-inf")), default=None)
+    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(names.VAL["psnr"], float("-inf")), default=None)
     print(f"[train] finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     if best is None:
         print("[train] no checkpoint was reported; nothing to register", file=sys.stderr)
         return out
     ckpt_uri = f"{cfg.train.storage.rstrip('/')}/{cfg.name}/{Path(best[0].path).name}"
     out["checkpoint"] = ckpt_uri
-    print(f"[train] best checkpoint {ckpt_uri}: val_psnr {best[1]['val_psnr']:.2f} dB at step {best[1]['step']}")
+    print(f"[train] best checkpoint {ckpt_uri}: val_psnr {best[1][names.VAL['psnr']]:.2f} dB at step {best[1]['step']}")
     if not run_id:
         return out
     client = mlflow.MlflowClient()
-    client.set_tag(run_id, "best_checkpoint", ckpt_uri)
-    client.set_tag(run_id, "latest_checkpoint", f"{cfg.train.storage.rstrip('/')}/{cfg.name}/"
+    client.set_tag(run_id, names.BEST_CHECKPOINT, ckpt_uri)
+    client.set_tag(run_id, names.LATEST_CHECKPOINT, f"{cfg.train.storage.rstrip('/')}/{cfg.name}/"
                                                 f"{Path(result.checkpoint.path).name}")
     tags = client.get_run(run_id).data.tags
-    if tags.get("registered_checkpoint") == ckpt_uri:  # a re-run that trained nothing new
-        print(f"[train] {ckpt_uri} is already registered ({tags['registered_version']})")
-        out["version"] = tags["registered_version"]
+    if tags.get(names.REGISTERED_CHECKPOINT) == ckpt_uri:  # a re-run that trained nothing new
+        print(f"[train] {ckpt_uri} is already registered ({tags[names.REGISTERED_VERSION]})")
+        out["version"] = tags[names.REGISTERED_VERSION]
         return out
     with best[0].as_directory() as d:
         if (why := checkpoints.torn(str(d))) is not None:  # the bytes registered are the ones training recorded
@@ -187,8 +186,8 @@ def _register(cfg: Config, manifest: mf.Manifest, result, run_id: str | None) ->
         version = log_and_register(Path(d) / CHECKPOINT_FILE, run_id, cfg.tracking.registered_model,
                                    card=ModelCard(cfg, manifest, best[1], run_id, ckpt_uri))
     uri = f"models:/{cfg.tracking.registered_model}/{version.version}"
-    client.set_tag(run_id, "registered_checkpoint", ckpt_uri)
-    client.set_tag(run_id, "registered_version", uri)
+    client.set_tag(run_id, names.REGISTERED_CHECKPOINT, ckpt_uri)
+    client.set_tag(run_id, names.REGISTERED_VERSION, uri)
     print(f"[train] registered {uri} (alias @challenger), run {run_id}")
     out["version"] = uri
     return out

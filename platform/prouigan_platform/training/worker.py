@@ -27,7 +27,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from prouigan import LossWeights, ProUIGANGenerator, build_discriminators
@@ -37,9 +36,11 @@ from prouigan.generator import unwrap
 from prouigan.inference import generator_state
 from prouigan.landmarks import nme, soft_argmax
 from prouigan.losses import perceptual_network
-from prouigan.metrics import masked_psnr, psnr, ssim
+from prouigan.metrics import face_scores
+from prouigan.pictures import comparison_grid
 from prouigan.presets import GeneratorConfig, generator_config
 from prouigan.training import GANStep, autocast_dtype, channels_last, channels_last_batch, cosine_factor
+from prouigan_platform import run_names as names
 from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config
 from prouigan_platform.dataset import manifest as mf
@@ -83,16 +84,14 @@ def validation_sums(generator, loader, device, sigma: float) -> dict[str, float]
             out = g(b["lr"])
             sr = out.final.float().nan_to_num(0.5).clamp(0, 1)  # a diverged trial scores low, not NaN
             bic = upsample_bicubic(b["lr"])
-            occluded = masked_psnr(sr, b["hr"], b["mask"]).cpu()
-            has_region = ~torch.isnan(occluded)
+            model, bicubic = face_scores(sr, b["hr"], b["mask"]), face_scores(bic, b["hr"], b["mask"])
+            has_region = ~torch.isnan(model["psnr_occluded"])
             sums["faces"] += len(sr)
-            sums["psnr"] += psnr(sr, b["hr"]).sum().item()
-            sums["ssim"] += ssim(sr, b["hr"]).sum().item()
             sums["occluded_faces"] += float(has_region.sum())
-            sums["psnr_occluded"] += occluded[has_region].sum().item()
-            sums["bicubic_psnr"] += psnr(bic, b["hr"]).sum().item()
-            sums["bicubic_ssim"] += ssim(bic, b["hr"]).sum().item()
-            sums["bicubic_psnr_occluded"] += masked_psnr(bic, b["hr"], b["mask"]).cpu()[has_region].sum().item()
+            for prefix, scores in (("", model), ("bicubic_", bicubic)):
+                sums[prefix + "psnr"] += scores["psnr"].sum().item()
+                sums[prefix + "ssim"] += scores["ssim"].sum().item()
+                sums[prefix + "psnr_occluded"] += scores["psnr_occluded"][has_region].sum().item()
             if out.heatmaps:  # a generator without priors (the plain CNN baseline) has no landmark estimate
                 has = b["has_landmarks"].cpu()
                 err = nme(soft_argmax(out.heatmaps[-1].float(), sigma).cpu(), b["landmarks"].cpu())
@@ -113,13 +112,11 @@ def validate(generator, loader, device, sigma: float) -> dict[str, float]:
     the same inputs (``val_bicubic_*``: the line a model must beat)."""
     s = validation_sums(generator, loader, device, sigma)
     faces, occluded = max(s["faces"], 1.0), max(s["occluded_faces"], 1.0)
-    out = {"val_psnr": s["psnr"] / faces, "val_ssim": s["ssim"] / faces,
-           "val_psnr_occluded": s["psnr_occluded"] / occluded,
-           "val_bicubic_psnr": s["bicubic_psnr"] / faces, "val_bicubic_ssim": s["bicubic_ssim"] / faces,
-           "val_bicubic_psnr_occluded": s["bicubic_psnr_occluded"] / occluded}
+    per = {"psnr": faces, "ssim": faces, "psnr_occluded": occluded, "bicubic_psnr": faces, "bicubic_ssim": faces,
+           "bicubic_psnr_occluded": occluded}
     if s["landmark_faces"] > 0:
-        out["val_nme"] = s["nme"] / s["landmark_faces"]
-    return out
+        per["nme"] = s["landmark_faces"]
+    return {names.VAL[m]: s[m] / n for m, n in per.items()}
 
 
 def image_grid(generator, batch: dict, device, n: int = 4) -> np.ndarray:
@@ -129,12 +126,7 @@ def image_grid(generator, batch: dict, device, n: int = 4) -> np.ndarray:
     with torch.no_grad():
         out = g(batch["lr"][:n].to(device))
     g.train()
-    cols = [F.interpolate(batch["lr"][:n].float(), size=128, mode="nearest")]
-    cols += [F.interpolate(img.float().cpu().clamp(0, 1), size=128, mode="nearest") for img in out.images]
-    cols.append(batch["hr"][:n].float())
-    rows = [torch.cat([c[i] for c in cols], dim=2) for i in range(min(n, len(batch["lr"])))]
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
-    return (grid * 255).round().astype(np.uint8)
+    return comparison_grid(batch["lr"][:n], out.images, batch["hr"][:n])
 
 
 def progress(step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
@@ -238,10 +230,11 @@ class ProgressPrinter:
               + (fmt_duration(eta) if eta == eta else "-"), flush=True)
 
     def validation(self, step: int, m: dict) -> None:
-        if self.best is None or m["val_psnr"] > self.best[0]:
-            self.best = (m["val_psnr"], step)
-        print(f"[val]   step {step:,} | PSNR {m['val_psnr']:.2f} | occluded PSNR {m['val_psnr_occluded']:.2f}"
-              + (f" | NME {m['val_nme']:.4f}" if "val_nme" in m else "")
+        v = {k: m[name] for k, name in names.VAL.items() if name in m}
+        if self.best is None or v["psnr"] > self.best[0]:
+            self.best = (v["psnr"], step)
+        print(f"[val]   step {step:,} | PSNR {v['psnr']:.2f} | occluded PSNR {v['psnr_occluded']:.2f}"
+              + (f" | NME {v['nme']:.4f}" if "nme" in v else "")
               + f" | best PSNR {self.best[0]:.2f} at step {self.best[1]:,}", flush=True)
 
 
@@ -269,6 +262,7 @@ class WorkerRun:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
         self.manifest = mf.load(loop_config["manifest_uri"])
+        self.manifest_digest = self.manifest.digest or mf.digest(self.manifest)
         state = self._build_models()
         self.start, self.elapsed_before = self._restore(state)
         self._say_hello(state)
@@ -298,15 +292,15 @@ class WorkerRun:
         self.finished = self.done >= 1.0  # a resumed run whose budget was already spent
         # the train shards this worker read, and those it could not read (damaged, missing): recorded with each
         # checkpoint, so a model trained on less than its dataset version is known (and not registered unasked)
-        self.shards_read: set[str] = set(state.get("shards_read", [])) if state else set()
-        self.shards_skipped: set[str] = set(state.get("shards_skipped", [])) if state else set()
+        self.shards_read: set[str] = set(state.shards_read) if state else set()
+        self.shards_skipped: set[str] = set(state.shards_skipped) if state else set()
 
-    def _build_models(self) -> dict | None:
+    def _build_models(self) -> checkpoints.TrainingState | None:
         """G and both Ds (DDP), the loss and the step; -> the checkpoint's state when resuming, else None.  On resume
         the checkpoint's architecture wins (the driver already refused a config whose model differs)."""
         cfg, device = self.cfg, self.device
         state = self._checkpoint_state()
-        gcfg = GeneratorConfig.from_dict(state["generator_config"]) if state is not None \
+        gcfg = GeneratorConfig.from_dict(state.generator_config) if state is not None \
             else generator_config(cfg.model.preset, cfg.model.overrides)
         g = ProUIGANGenerator(gcfg)
         # the weights validated, checkpointed as "generator" and registered: an average of G's, or G itself
@@ -325,7 +319,7 @@ class WorkerRun:
                                compile_mode=None if cfg.train.compile == "off" else cfg.train.compile)
         return state
 
-    def _checkpoint_state(self) -> dict | None:
+    def _checkpoint_state(self) -> checkpoints.TrainingState | None:
         """The state to resume from: Ray Train's latest checkpoint, unless it is torn, then the newest complete one
         of the run (every rank reads the same folders, so all resume from the same step)."""
         ckpt = ray.train.get_checkpoint()
@@ -342,30 +336,33 @@ class WorkerRun:
                   + (f"resuming from {fallback}" if fallback else "no complete checkpoint: starting anew"), flush=True)
         return checkpoints.load(fallback) if fallback else None
 
-    def _restore(self, state: dict | None) -> tuple[int, float]:
+    def _restore(self, state: checkpoints.TrainingState | None) -> tuple[int, float]:
         """Weights and optimiser state from the checkpoint (or G from the model to fine-tune); -> (step, seconds
         trained before)."""
         if state is not None:
-            # with EMA on, "generator" holds the average and "generator_raw" the weights G trains on
-            raw = "generator_raw" if "generator_raw" in state else "generator"
-            for module, key in ((self.g, raw), (self.d_global, "d_global"), (self.d_local, "d_local")):
-                unwrap(module).load_state_dict(state[key])
+            for module, weights in ((self.g, state.trained_weights), (self.d_global, state.d_global),
+                                    (self.d_local, state.d_local)):
+                unwrap(module).load_state_dict(weights)
             if self.g_ema is not None:
-                self.g_ema.load_state_dict(state["generator"])
-            self.step_fn.load_state_dict(state["optimizers"])
-            return int(state["step"]), float(state.get("elapsed_s", 0.0))
+                self.g_ema.load_state_dict(state.generator["generator"])
+            self.step_fn.load_state_dict(state.optimizers)
+            return state.step, state.elapsed_s
         if self.loop_config.get("init_generator") is not None:  # fine-tuning (retrain): G starts from a given model
             unwrap(self.g).load_state_dict(self.loop_config["init_generator"])
         if self.g_ema is not None:
             self.g_ema.load_state_dict(unwrap(self.g).state_dict())
         return 0, 0.0
 
-    def _say_hello(self, state: dict | None) -> None:
+    def _say_hello(self, state: checkpoints.TrainingState | None) -> None:
         if self.rank == 0:
             print(f"[train] {self.cfg.name}: {self.world} worker(s) on {self.device}; {self.vgg_msg}", flush=True)
             print(f"[train] precision: {self.precision}", flush=True)
             if state is not None:
                 print(f"[train] resumed from step {self.start}", flush=True)
+                if state.manifest_digest and state.manifest_digest != self.manifest_digest:
+                    print(f"[train] note: steps up to {self.start} read dataset digest {state.manifest_digest[:16]}; "
+                          f"from here on it reads {self.manifest.uri} (digest {self.manifest_digest[:16]})",
+                          flush=True)
             elif self.loop_config.get("init_generator") is not None:
                 print(f"[train] generator initialised from {self.loop_config.get('init_from')}", flush=True)
         # every worker says where it runs (the cluster test checks that workers spread over nodes)
@@ -428,7 +425,7 @@ class WorkerRun:
 
     def validate(self, step: int) -> dict:
         self.last_val = {**validate(self.served, self.val_loader, self.device, self.cfg.data.heatmap_sigma),
-                         "val_step": step}
+                         names.VAL_STEP: step}
         if self.printer is not None:
             self.printer.validation(step, self.last_val)
         return self.last_val
@@ -457,12 +454,12 @@ class WorkerRun:
         self.t_report, self.samples_since_report = time.time(), 0
         if checkpoint and self.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                checkpoints.write(Path(tmp), {
-                    **generator_state(self.served), "d_global": _state(self.d_global), "d_local": _state(self.d_local),
-                    **({"generator_raw": _state(self.g)} if self.g_ema is not None else {}),
-                    "optimizers": self.step_fn.state_dict(), "step": step, "config": self.loop_config["config"],
-                    "elapsed_s": self.elapsed(), "shards_read": sorted(read), "shards_skipped": sorted(skipped),
-                    "manifest_digest": self.manifest.digest or mf.digest(self.manifest)})
+                checkpoints.write(Path(tmp), checkpoints.TrainingState(
+                    step=step, generator=generator_state(self.served), d_global=_state(self.d_global),
+                    d_local=_state(self.d_local), optimizers=self.step_fn.state_dict(),
+                    config=self.loop_config["config"], elapsed_s=self.elapsed(), shards_read=sorted(read),
+                    shards_skipped=sorted(skipped), manifest_digest=self.manifest_digest,
+                    generator_raw=_state(self.g) if self.g_ema is not None else None))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"step_{step:07d}")
         else:
