@@ -283,11 +283,13 @@ def test_a_torn_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path):
     assert "do not match its record" in skipped[0][1] and "does not load" in skipped[1][1]
 
 
-def test_served_models_are_code_not_pickles_and_registering_leaves_the_run_to_its_pipeline(generator_file, tmp_path):
+def test_served_models_are_code_not_pickles_and_registering_leaves_the_run_to_its_pipeline(generator_file, tmp_path,
+                                                                                          monkeypatch):
     import mlflow
 
     from prouigan_platform.registry import log_and_register
 
+    monkeypatch.setenv("PROUIGAN_STORE", str(tmp_path / "store"))  # the version's file record goes there
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mlflow.set_experiment("code")
     try:
