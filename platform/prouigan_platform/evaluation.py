@@ -28,6 +28,7 @@ import heapq
 import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -410,6 +411,50 @@ def judge_notes(judges: dict) -> list[str]:
     return out
 
 
+def markdown(doc: list[tuple]) -> str:
+    """A report (blocks: title, text, table, image, list) as Markdown."""
+    out: list[str] = []
+    for kind, *a in doc:
+        if kind == "title":
+            out += [f"# {a[0]}", ""]
+        elif kind == "text":
+            out += [a[0], ""]
+        elif kind == "table":
+            out += ["| " + " | ".join(a[0]) + " |", "|" + "---|" * len(a[0])]
+            out += ["| " + " | ".join(r) + " |" for r in a[1]] + [""]
+        elif kind == "image":
+            out += [f"![cases]({a[0]})", ""]
+        elif kind == "list":
+            out += [f"- {n}" for n in a[0]] + [""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """Markdown's `code` and **bold** of a report's text, as HTML (everything else escaped)."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def html_page(title: str, doc: list[tuple]) -> str:
+    """The same report as one HTML page."""
+    out = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"]
+    for kind, *a in doc:
+        if kind == "title":
+            out.append(f"<h1>{html.escape(a[0])}</h1>")
+        elif kind == "text":
+            out.append(f"<p>{_inline_html(a[0])}</p>")
+        elif kind == "table":
+            out.append("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in a[0])
+                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                                           for r in a[1]) + "</table>")
+        elif kind == "image":
+            out.append(f"<p><img src='{html.escape(a[0])}' style='image-rendering:pixelated'></p>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{_inline_html(n)}</li>" for n in a[0]) + "</ul>")
+    return "".join(out) + "\n"
+
+
 def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
     """metrics.json, report.md, report.html and cases.png (best and worst faces) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -430,31 +475,19 @@ def write_report(ev: Evaluation, out_dir: Path, title: str) -> dict[str, Path]:
                  "ground truth, expression accuracy against the labels): the ceiling of those columns.")
     notes.append("region_psnr_*: PSNR inside regions drawn from the ground-truth 68 landmarks.")
     problems = ev.problems()
-    md = [f"# Evaluation: {title}", "",
-          f"Dataset `{d.manifest_uri}` (digest {d.digest}), split **{d.split}**"
-          + (f" of source **{d.source}**" if d.source else "") + f": {len(d.keys)} of {d.expected} "
-          f"faces, occlusions seeded by each face's key.", "",
-          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
     dhead, drows = table_rows(ev, detail=True)
+    doc = [("title", f"Evaluation: {title}"),
+           ("text", f"Dataset `{d.manifest_uri}` (digest {d.digest}), split **{d.split}**"
+                    + (f" of source **{d.source}**" if d.source else "") + f": {len(d.keys)} of {d.expected} "
+                    "faces, occlusions seeded by each face's key."),
+           ("table", head, rows)]
     if len(dhead) > 1:
-        md += ["", "Parsing F1 per face class and expression accuracy per attribute:", "",
-               "| " + " | ".join(dhead) + " |", "|" + "---|" * len(dhead)]
-        md += ["| " + " | ".join(r) + " |" for r in drows]
-    md += ["", f"![cases]({files['grid'].name})", "", caption, ""]
-    md += ["Cases: " + ", ".join(f"{kind} {key} ({p:.2f} dB)" for kind, key, p in labels), ""]
-    md += [f"- {n}" for n in notes]
+        doc += [("text", "Parsing F1 per face class and expression accuracy per attribute:"), ("table", dhead, drows)]
+    doc += [("image", files["grid"].name), ("text", caption),
+            ("text", "Cases: " + ", ".join(f"{kind} {key} ({p:.2f} dB)" for kind, key, p in labels)),
+            ("list", notes)]
     if problems:
-        md += ["", "**Partial evaluation:** " + "; ".join(problems)]
-    files["markdown"].write_text("\n".join(md) + "\n")
-    esc = html.escape
-    table = "".join("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{esc(h)}</th>" for h in hd) + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rs)
-                    + "</table><p></p>" for hd, rs in ((head, rows), (dhead, drows)) if len(hd) > 1)
-    files["html"].write_text(
-        f"<!doctype html><meta charset=utf-8><title>{esc(title)}</title><h1>Evaluation: {esc(title)}</h1>"
-        f"<p>Dataset <code>{esc(d.manifest_uri)}</code>, split <b>{esc(d.split)}</b>: {len(d.keys)} of "
-        f"{d.expected} faces.</p>{table}<p><img src='{files['grid'].name}' style='image-rendering:pixelated'>"
-        f"</p><p>{esc(caption)}</p><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
-        + (f"<p><b>Partial evaluation:</b> {esc('; '.join(problems))}</p>" if problems else ""))
+        doc.append(("text", "**Partial evaluation:** " + "; ".join(problems)))
+    files["markdown"].write_text(markdown(doc))
+    files["html"].write_text(html_page(title, doc))
     return files
