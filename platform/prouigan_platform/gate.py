@@ -85,6 +85,10 @@ def record_failure(name: str, version: str, error: BaseException, context: dict[
     return d
 
 
+def _set_fence(client, name: str, token: str, target: str, state: str, left: str | None = None) -> None:
+    """This gate's word in the model's fence tag: its token, the version it moves to, and how far it got."""
+    client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps(
+        {"token": token, "target": target, "state": state, **({"left": left} if state != "moving" else {})}))
 
 
 def _fence(client, name: str) -> dict:
@@ -106,13 +110,11 @@ def move_champion(name: str, version: str, expected: str | None, lock=None) -> t
     client = mlflow.MlflowClient()
     token = lock.token if lock is not None else uuid.uuid4().hex
     with lock or nullcontext():
-        client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps({"token": token, "target": version,
-                                                                     "state": "moving"}))
+        _set_fence(client, name, token, version, "moving")
         now = alias_version(name, CHAMPION)
         now_v = now.version if now else None
         if now_v != expected:
-            client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps({"token": token, "target": version,
-                                                                         "state": "refused", "left": now_v}))
+            _set_fence(client, name, token, version, "refused", left=now_v)
             return False, (f"champion moved from v{expected} to v{now_v} while this evaluation ran; "
                            "evaluate again against the new champion")
         if lock is not None:
@@ -121,8 +123,7 @@ def move_champion(name: str, version: str, expected: str | None, lock=None) -> t
         client.set_model_version_tag(name, version, names.CHAMPION_FENCE, token)
         after = _fence(client, name)
         if after.get("token") == token:
-            client.set_registered_model_tag(name, names.CHAMPION_FENCE, json.dumps({"token": token, "target": version,
-                                                                         "state": "moved", "left": version}))
+            _set_fence(client, name, token, version, "moved", left=version)
             return True, f"champion -> v{version}"
         # another gate entered after this one: its word stands, this move is undone
         back = after.get("target") if after.get("state") == "moved" else expected
