@@ -86,15 +86,16 @@ def test_a_training_that_could_not_read_a_shard_registers_nothing_unless_told(st
 
 
 def test_credentials_never_travel_in_a_jobs_runtime_env(stack, sharded):
-    """The dashboard shows every job's runtime env: the S3 secret key the stack's nodes hold is not in it."""
+    """The dashboard shows every job's runtime env: the S3 secret key and the MLflow password the stack's nodes
+    hold are not in it."""
     out = run_cli(stack, "hello", "-c", "smoke", "tracking.experiment=no-secrets")
     assert out.returncode == 0, out.stderr[-3000:]
     token = stack.token_file.read_text().strip()
     req = urllib.request.Request(f"{stack.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         jobs = r.read().decode()
-    secret = stack.env()["AWS_SECRET_ACCESS_KEY"]
-    assert "MLFLOW_TRACKING_URI" in jobs and secret not in jobs
+    for secret in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"):
+        assert "MLFLOW_TRACKING_URI" in jobs and stack.env()[secret] not in jobs, secret
 
 
 def test_two_runs_creating_one_experiment_at_once_both_get_it(stack, monkeypatch):

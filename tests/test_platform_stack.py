@@ -4,6 +4,7 @@ token required, S3 through boto3 and pyarrow, a Ray task on the head, MLflow RES
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,9 +21,16 @@ from tests.conftest import REPO, own_stack
 pytestmark = pytest.mark.stack
 
 
-def _get(url: str) -> tuple[int, str, str]:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.status, r.headers.get("Content-Type", ""), r.read().decode(errors="replace")
+def _get(url: str, login: dict[str, str] | None = None) -> tuple[int, str, str]:
+    req = urllib.request.Request(url)
+    if login:
+        pair = f"{login['MLFLOW_TRACKING_USERNAME']}:{login['MLFLOW_TRACKING_PASSWORD']}"
+        req.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode(errors="replace")
 
 
 def test_every_service_is_healthy(stack):
@@ -31,10 +39,22 @@ def test_every_service_is_healthy(stack):
     assert all(r["running"] and r["healthy"] for r in rows), rows
 
 
-def test_mlflow_rest_answers_and_ui_is_html(stack):
-    code, ctype, body = _get(f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+def test_mlflow_answers_its_login_only_and_ui_is_html(stack):
+    """The embedded MLflow runs its basic-auth app: no page, API call or artifact without the stack's login (in
+    `prouigan platform env`, its file 0600); a wrong password is refused too.  /health stays open (`up` checks it)."""
+    login = st.mlflow_login(stack)
+    assert stack.env()["MLFLOW_TRACKING_PASSWORD"] == login["MLFLOW_TRACKING_PASSWORD"]
+    assert len(login["MLFLOW_TRACKING_PASSWORD"]) >= 24
+    assert oct(stack.credentials_file.stat().st_mode & 0o777) == "0o600"
+    api = f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+    wrong = {**login, "MLFLOW_TRACKING_PASSWORD": "not-" + login["MLFLOW_TRACKING_PASSWORD"]}
+    for path in (api, f"{stack.mlflow_uri}/", f"{stack.mlflow_uri}/api/2.0/mlflow-artifacts/artifacts"):
+        assert _get(path)[0] == 401, path
+        assert _get(path, wrong)[0] == 401, path
+    assert _get(f"{stack.mlflow_uri}/health")[0] == 200
+    code, ctype, body = _get(api, login)
     assert code == 200 and json.loads(body)["experiment"]["name"] == "Default"
-    code, ctype, body = _get(f"{stack.mlflow_uri}/")
+    code, ctype, body = _get(f"{stack.mlflow_uri}/", login)
     assert code == 200 and "text/html" in ctype and "<html" in body.lower()
 
 
@@ -157,6 +177,16 @@ def test_down_stops_every_process_and_data_survives_down_up(tmp_path):
 
         st.up(spec, log=lambda *_: None)
         assert boto3_client().get_object(Bucket=spec.bucket, Key="keep/me.txt")["Body"].read() == b"still here"
+        assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "survives"
+        assert st.mlflow_login(spec) == {k: os.environ[k] for k in st.mlflow_login(spec)}  # the login survives too
+
+        # the login's file deleted while the stack is down: `up` makes a new one that works, the registry is kept
+        st.down(spec.state_dir, log=lambda *_: None)
+        spec.credentials_file.unlink()
+        lines: list[str] = []
+        st.up(spec, log=lines.append)
+        assert any("a new login is made" in x for x in lines), lines
+        os.environ.update(spec.env())
         assert mlflow.MlflowClient(spec.mlflow_uri).get_experiment(exp_id).name == "survives"
 
 

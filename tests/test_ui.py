@@ -1,13 +1,15 @@
-"""The MLflow UI as a person sees it, in a real browser (Debian's chromium, driven by Playwright): after a real
-training on the stack, the registry page shows the model's description and the version's alias, the version page
-its card (dataset, recipe, scores beside bicubic's, how to load and serve it), and the run page the dataset it
-was trained on.  Screenshots: outputs/screenshots/mlflow-*.png."""
+"""The MLflow UI as a person sees it, in a real browser (Debian's chromium, driven by Playwright), logged in with the
+stack's MLflow login (a browser without it gets 401): after a real training on the stack, the registry page shows
+the model's description and the version's alias, the version page its card (dataset, recipe, scores beside
+bicubic's, how to load and serve it), and the run page the dataset it was trained on. Screenshots:
+outputs/screenshots/mlflow-*.png."""
 
 from __future__ import annotations
 
 import mlflow
 import pytest
 
+from prouigan_platform import stack as st
 from tests.browser import browser, shot
 from tests.conftest import run_cli
 
@@ -32,8 +34,20 @@ def trained(stack):
 def test_the_registry_version_and_run_pages_show_aliases_card_and_dataset(trained):
     stack, client, version = trained
     run = client.get_run(version.run_id)
+    login = st.mlflow_login(stack)
     with browser() as b:
-        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        # a browser without the stack's login gets MLflow's 401, and no page
+        from playwright.sync_api import Error as PlaywrightError  # installed: browser() skips otherwise
+
+        stranger = b.new_page()
+        with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):  # headless: the prompt refused
+            stranger.goto(f"{stack.mlflow_uri}/#/models/{MODEL}")
+        assert stranger.request.get(f"{stack.mlflow_uri}/").status == 401
+        stranger.close()
+        # the login a user types into the browser's prompt (from `prouigan platform env`)
+        page = b.new_context(http_credentials={"username": login["MLFLOW_TRACKING_USERNAME"],
+                                               "password": login["MLFLOW_TRACKING_PASSWORD"]},
+                             viewport={"width": 1400, "height": 1000}).new_page()
         page.goto(f"{stack.mlflow_uri}/#/models/{MODEL}")
         page.wait_for_selector("text=challenger", timeout=60_000)
         assert "128x128 faces from occluded 16x16 thumbnails" in page.inner_text("body")

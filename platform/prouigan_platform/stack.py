@@ -1,16 +1,17 @@
-"""The embedded platform stack: a Ray head and an MLflow tracking server (and, with ``--s3``, an S3-compatible
-test server), real processes on 127.0.0.1, with their state in one folder (default ``.platform/``).
+"""The embedded platform stack: a Ray head and an MLflow tracking server (and, with ``--s3``, an S3-compatible test
+server), real processes on 127.0.0.1, with their state in one folder (default ``.platform/``).
 
-Private by default: every socket of every process the stack starts binds ``host`` (127.0.0.1), and Ray runs with
-token authentication (the token in ``<state>/ray_auth_token``, mode 0600; ``prouigan platform env`` points clients
-at it).  Durable by default: datasets, checkpoints and MLflow artifacts live in the store, local disk under
-``<state>/store`` (``paths.py``), and MLflow's registry in sqlite: a write that returned survives a kill -9 of
-any service.  The optional S3 server (moto) holds objects in memory: ``down`` snapshots its buckets to
-``<state>/s3/`` and ``up`` restores them, and an ``up`` after an unclean stop says what was lost.
+Private by default: every socket of every process the stack starts binds ``host`` (127.0.0.1), Ray runs with token
+authentication (the token in ``<state>/ray_auth_token``, mode 0600; ``prouigan platform env`` points clients at it)
+and MLflow behind its basic-auth app (one user, ``prouigan``, its password made once in
+``<state>/mlflow_credentials``, 0600; ``prouigan platform env`` exports it as MLflow's clients read it). Durable by
+default: datasets, checkpoints and MLflow artifacts live in the store, local disk under ``<state>/store``
+(``paths.py``), and MLflow's registry in sqlite: a write that returned survives a kill -9 of any service. The
+optional S3 server (moto) holds objects in memory: ``down`` snapshots its buckets to ``<state>/s3/`` and ``up``
+restores them, and an ``up`` after an unclean stop says what was lost.
 
 ``up`` is idempotent and waits for health checks; ``down`` stops exactly the process trees it started (by PID,
-recorded in ``stack.json``) and keeps the data.
-"""
+recorded in ``stack.json``) and keeps the data."""
 
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ class StackSpec:
         return Path(self.state_dir) / "ray_auth_token"
 
     @property
+    def credentials_file(self) -> Path:
+        return Path(self.state_dir) / "mlflow_credentials"
+
+    @property
     def store(self) -> str:
         return f"s3://{self.bucket}" if self.s3 else str(Path(self.state_dir).resolve() / "store")
 
@@ -119,8 +124,10 @@ class StackSpec:
         }
 
     def env(self) -> dict[str, str]:
-        """What a pipeline (or a Ray worker) needs to find this stack; never a secret itself (the Ray token stays
-        in its file, named by RAY_AUTH_TOKEN_PATH)."""
+        """What a pipeline (or a Ray worker) needs to find and use this stack.  The Ray token stays in its file
+        (RAY_AUTH_TOKEN_PATH); MLflow's clients read a password from the environment only, so its credential is
+        here once ``up`` has made it (a process's environment is readable by its user alone; ``runtime.FORWARDED``
+        keeps it out of a job's runtime env, which the dashboard shows)."""
         env = {
             "RAY_ADDRESS": self.ray_address,
             # the job CLI and SDK: this before RAY_ADDRESS, which they would otherwise take for the dashboard's
@@ -133,6 +140,8 @@ class StackSpec:
             "PROUIGAN_STORE": self.store,
             "PROUIGAN_STATE_DIR": str(Path(self.state_dir).resolve()),
         }
+        if self.credentials_file.exists():
+            env.update(mlflow_login(self))
         if self.s3:
             env.update({
                 "AWS_ENDPOINT_URL": self.s3_endpoint,
@@ -317,11 +326,66 @@ def _mlflow_command(spec: StackSpec) -> list[str]:
     state = spec.state_dir.resolve()
     artifacts = f"s3://{spec.bucket}/mlflow-artifacts" if spec.s3 else str(Path(spec.store) / "mlflow-artifacts")
     return [
-        _bin("mlflow"), "server",
+        _bin("mlflow"), "server", "--app-name", "basic-auth",
         "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
         "--artifacts-destination", artifacts,
         "--host", spec.host, "--port", str(spec.mlflow_port), "--workers", "1",
     ]
+
+
+MLFLOW_USER = "prouigan"
+
+
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The secret in ``path``, made once (created 0600, never readable by another user, even for a moment)."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(make())
+            f.flush()
+            os.fsync(f.fileno())
+    os.chmod(path, 0o600)
+    return path.read_text()
+
+
+def _mlflow_credentials(spec: StackSpec, log) -> None:
+    """The MLflow login, made once: in the INI layout MLflow's clients read from ``~/.mlflow/credentials`` (a user
+    may copy it there).  Made again where its file was deleted: the auth app's users (made with the lost password)
+    are moved aside, so that the new login works; the registry itself is not touched."""
+    users = spec.state_dir / "mlflow" / "basic_auth.db"
+    if not spec.credentials_file.exists() and users.exists():
+        aside = users.with_name(f"basic_auth.db.lost-login-{time.strftime('%Y%m%d-%H%M%S')}")
+        users.rename(aside)
+        log(f"mlflow: {spec.credentials_file} is gone: a new login is made; the old users database is kept as {aside}")
+    _secret_file(spec.credentials_file, lambda: (
+        f"[mlflow]\nmlflow_tracking_username = {MLFLOW_USER}\n"
+        f"mlflow_tracking_password = {secrets.token_urlsafe(24)}\n"))
+
+
+def mlflow_login(spec: StackSpec) -> dict[str, str]:
+    """MLFLOW_TRACKING_USERNAME / _PASSWORD of this stack's MLflow (from its credentials file)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read_string(spec.credentials_file.read_text())
+    return {"MLFLOW_TRACKING_USERNAME": cfg["mlflow"]["mlflow_tracking_username"],
+            "MLFLOW_TRACKING_PASSWORD": cfg["mlflow"]["mlflow_tracking_password"]}
+
+
+def _mlflow_env(spec: StackSpec) -> dict[str, str]:
+    """What the MLflow server alone gets: its auth app's settings (users in their own sqlite database beside the
+    registry's; no permission for a user not granted one; the admin is the platform's user) and the app's CSRF key."""
+    folder = spec.state_dir.resolve() / "mlflow"
+    ini = folder / "basic_auth.ini"
+    write_local_atomic(ini, (
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+        f"admin_username = {MLFLOW_USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n").encode())
+    key = _secret_file(folder / "flask_secret_key", lambda: secrets.token_hex(32))
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": mlflow_login(spec)["MLFLOW_TRACKING_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": key.strip()}
 
 
 def _ray_command(spec: StackSpec) -> list[str]:
@@ -337,13 +401,7 @@ def _ray_command(spec: StackSpec) -> list[str]:
 
 def _ray_token(spec: StackSpec) -> str:
     """The stack's Ray token, made once (0600) in the state folder."""
-    path = spec.token_file
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    os.chmod(path, 0o600)
-    return path.read_text().strip()
+    return _secret_file(spec.token_file, lambda: secrets.token_hex(32)).strip()
 
 
 def _ray_healthy(spec: StackSpec) -> bool:
@@ -458,8 +516,8 @@ def check_host(host: str) -> None:
     """The embedded stack is single-user: MLflow and the S3 test server take writes from whoever reaches them.  On
     any address but loopback they (and Ray, which then listens on every interface) would be open to the network."""
     if host not in LOOPBACK_HOSTS:
-        raise StackError(f"--host {host}: the embedded stack listens on loopback only (127.0.0.1): its MLflow and S3 "
-                         "test server have no authentication and Ray would listen on every interface. For a shared "
+        raise StackError(f"--host {host}: the embedded stack listens on loopback only (127.0.0.1): its S3 test "
+                         "server has no authentication and Ray would listen on every interface. For a shared "
                          "deployment use infra/ (MLflow behind basic auth, Ray with a token, NetworkPolicies)",
                          code=Exit.BAD_INPUT)
 
@@ -496,6 +554,7 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
     if dead:
         _report_unclean_stop(spec, dead, log)
     _ray_token(spec)
+    _mlflow_credentials(spec, log)
     env = {**os.environ, **spec.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1",
            # `python` in a job's entrypoint (`ray job submit -- python pipelines/train.py`) is this environment's
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
@@ -520,9 +579,10 @@ def up(spec: StackSpec, log=print) -> dict[str, ServiceRecord]:
             )
         cmd = SERVICE_TABLE[name].command(spec)
         log_path = spec.state_dir / "logs" / f"{name}.log"
+        own_env = SERVICE_TABLE[name].env(spec) if SERVICE_TABLE[name].env else {}
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, **own_env},
                 cwd=spec.state_dir, start_new_session=True,
             )
         rec = ServiceRecord(name, proc.pid, psutil.Process(proc.pid).create_time(), spec.ports()[name],
@@ -553,6 +613,7 @@ class Service:
     url: Callable[[StackSpec], str]
     after_start: Callable[[StackSpec, Callable], None] | None = None
     before_stop: Callable[[StackSpec, Callable], None] | None = None  # raising keeps the service running
+    env: Callable[[StackSpec], dict[str, str]] | None = None  # what this service alone gets (its own secrets)
 
 
 SERVICE_TABLE = {
@@ -561,8 +622,9 @@ SERVICE_TABLE = {
                   lambda spec: f"{spec.s3_endpoint}  (bucket s3://{spec.bucket}, in memory: snapshotted at down)",
                   after_start=lambda spec, log: _s3_restore(spec, log),
                   before_stop=lambda spec, log: _s3_snapshot(spec, log)),
-    "mlflow": Service("mlflow", _mlflow_command, lambda spec: _http_ok(f"{spec.mlflow_uri}/health"),
-                      lambda spec: spec.mlflow_uri),
+    "mlflow": Service("mlflow", _mlflow_command, lambda spec: _http_ok(f"{spec.mlflow_uri}/health"),  # open: no login
+                      lambda spec: f"{spec.mlflow_uri}  (user {MLFLOW_USER}, password in {spec.credentials_file})",
+                      env=_mlflow_env),
     "ray": Service("ray", _ray_command, _ray_healthy,
                    lambda spec: f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address}; token in {spec.token_file})"),
 }
