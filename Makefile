@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast test-slow cluster-test lint bench up down status clean
+.PHONY: venv demo test test-fast test-slow cluster-test lint bench up down status clean infra-lock
 
 venv: $(STAMP)
 
@@ -49,6 +49,17 @@ down: $(STAMP)
 	$(BIN)/prouigan platform down
 status: $(STAMP)
 	$(BIN)/prouigan platform status
+
+# The image's requirements, every one pinned with its sha256 (pip install --require-hashes in infra/docker/Dockerfile):
+# resolved from PyPI for Linux x86-64, Python 3.11, by uv in a throwaway venv (needs PyPI; never part of the project).
+UV_VENV := /tmp/prouigan-uv
+infra-lock:
+	test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q "uv==0.13.8"; }
+	$(UV_VENV)/bin/uv pip compile pyproject.toml infra/docker/requirements.in --extra eval --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --generate-hashes --index-url https://pypi.org/simple \
+	    --no-header --quiet -o infra/docker/requirements.lock
+	sed -i '1i # Made by `make infra-lock` from pyproject.toml (core + eval) and infra/docker/requirements.in; do not edit.' \
+	    infra/docker/requirements.lock
 
 clean:
 	-$(BIN)/prouigan platform down

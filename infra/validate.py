@@ -1,6 +1,7 @@
 """Validate every deployment file under infra/ and ray_cluster.yaml, offline.
 
     python infra/validate.py            # prints one line per document; exit 1 on the first invalid file
+    python infra/validate.py --release  # and every image pinned by its digest (what is applied to a cluster)
 
 - Kubernetes objects: the Kubernetes OpenAPI schemas bundled with ``kubernetes-validate`` (strict: unknown
   fields are errors), for the Kubernetes version below.
@@ -11,7 +12,10 @@
   ``ray start`` with token auth and the token file on every node; the dashboard on the head's loopback.
 - systemd units: ``systemd-analyze verify``-style checks that need no systemd: sections and keys, and the
   timer's calendar expression through ``systemd-analyze calendar`` where that tool exists.
-- Dockerfile: the base image's Ray version and the torch pin match pyproject.toml.
+- Dockerfile: the base image's Ray version matches pyproject.toml; every package from infra/docker/requirements.lock
+  with ``--require-hashes`` (no other pip install brings a dependency), and the lock pins, each with its sha256, a
+  version of every requirement of pyproject.toml (core + ``eval``) that satisfies it.
+- Images: with ``--release``, every ``image:`` by its ``@sha256:`` digest.
 - Security, on every file: pods run as non-root with no privilege escalation and every capability dropped; no
   secret value or secret variable on a command line; no Secret with a placeholder value; MLflow behind its
   basic-auth app; Ray pods with token authentication and the token from a Secret; the dashboard / Jobs API on
@@ -180,7 +184,7 @@ def check_dashboard(doc: dict, where: str) -> None:
 
 def check_ray_cluster_launcher(config: dict, where: str = "ray_cluster.yaml") -> None:
     """Every node starts Ray with token auth and has the cluster's token; the head's dashboard stays on loopback; the
-    checkout is synced without the state folder and the outputs."""
+    checkout is synced without the state folder and the outputs; packages come from the hashed lock only."""
     mounts = config.get("file_mounts") or {}
     if not any(str(dst).endswith(".ray/auth_token") for dst in mounts):
         raise Invalid(f"{where}: no file_mounts entry copies the cluster's token to ~/.ray/auth_token on every node "
@@ -192,6 +196,12 @@ def check_ray_cluster_launcher(config: dict, where: str = "ray_cluster.yaml") ->
             raise Invalid(f"{where}: file_mounts syncs the checkout but rsync_exclude does not leave out "
                           f"{', '.join(missing)} (the state folder holds the registry, tokens and shards; outputs "
                           "holds reports of research-licensed faces)")
+    for cmd in config.get("setup_commands") or []:
+        if "pip install" in cmd and "--no-deps" not in cmd and not (
+                "--require-hashes" in cmd and "infra/docker/requirements.lock" in cmd):
+            raise Invalid(f"{where}: setup_commands: `{cmd}` installs packages outside the hashed lock "
+                          "(pip install --require-hashes -r infra/docker/requirements.lock, then the project "
+                          "--no-deps)")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         for cmd in config.get(key) or []:
             if "ray start" not in cmd:
@@ -357,38 +367,98 @@ def validate_systemd(path: Path) -> str:
     return "systemd unit"
 
 
-def validate_dockerfile(path: Path) -> str:
+def validate_dockerfile(path: Path, lock: Path | None = None) -> str:
     text = path.read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
     ray_pin = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', pyproject).group(1)
-    torch_pin = re.search(r'"torch==([\d.]+)"', pyproject).group(1)
     base = re.search(r"^ARG BASE=(\S+)", text, re.M)
     if not base or not re.search(r"^FROM \$\{BASE\}", text, re.M):
         raise Invalid(f"{path.name}: expected `ARG BASE=...` and `FROM ${{BASE}}`")
     if f":{ray_pin}-" not in base.group(1):
         raise Invalid(f"{path.name}: base image {base.group(1)} is not Ray {ray_pin} (pyproject's pin)")
-    if f"torch=={torch_pin}" not in text:
-        raise Invalid(f"{path.name}: does not install torch=={torch_pin} (pyproject's pin)")
-    return f"image on {base.group(1)}"
+    installs = [" ".join(line.split()) for line in re.findall(r"^RUN (.*pip install.*)$", text, re.M)]
+    hashed = [i for i in installs if "--require-hashes" in i and "-r /tmp/requirements.lock" in i]
+    if not hashed or not re.search(r"^COPY .*infra/docker/requirements\.lock /tmp/requirements\.lock$", text, re.M):
+        raise Invalid(f"{path.name}: does not install infra/docker/requirements.lock with --require-hashes")
+    loose = [i for i in installs if i not in hashed and "--no-deps" not in i]
+    if loose:
+        raise Invalid(f"{path.name}: a pip install outside the hashed lock: {loose[0]!r} "
+                      "(add the package to infra/docker/requirements.in and run `make infra-lock`)")
+    n = check_lock(lock or path.parent / "requirements.lock")
+    return f"image on {base.group(1)}, {n} packages pinned with their sha256"
 
 
-def validate_all() -> list[tuple[str, str]]:
-    """-> [(file, what it holds)] for every deployment file; raises Invalid on the first bad one."""
+def check_lock(lock: Path) -> int:
+    """The image's lock pins, with a sha256 each, a version of every requirement of pyproject.toml's core and
+    ``eval`` extra and of requirements.in that satisfies it (a pin that drifted from pyproject is caught here)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", lock.read_text()):
+        m = re.match(r"([A-Za-z0-9_.\-\[\]]+)==(\S+)", entry)
+        if not m:
+            continue
+        name = canonicalize_name(m.group(1).split("[")[0])
+        if "--hash=sha256:" not in entry:
+            raise Invalid(f"{lock.name}: {name}=={m.group(2)} has no sha256")
+        pins[name] = m.group(2)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["eval"],
+              *[line for line in (lock.parent / "requirements.in").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]]
+    for spec in wanted:
+        req = Requirement(spec)
+        if req.marker and not req.marker.evaluate({"platform_machine": "x86_64", "sys_platform": "linux",
+                                                  "python_version": "3.11"}):
+            continue
+        name = canonicalize_name(req.name)
+        if name not in pins:
+            raise Invalid(f"{lock.name}: {req.name} ({spec}) is not pinned: run `make infra-lock`")
+        if req.specifier and not req.specifier.contains(pins[name], prereleases=True):
+            raise Invalid(f"{lock.name}: {name}=={pins[name]} does not satisfy {spec!r} (pyproject.toml / "
+                          "requirements.in): run `make infra-lock`")
+    return len(pins)
+
+
+def image_refs(docs: list[dict]) -> list[str]:
+    """Every container image the manifests name."""
+    return sorted({c["image"] for d in docs for _, pod in pod_specs(d)
+                   for c in pod.get("containers", []) + pod.get("initContainers", [])})
+
+
+def unpinned_images(docs: list[dict]) -> list[str]:
+    """Images named by a tag, which a registry can move, not by their digest."""
+    return [i for i in image_refs(docs) if not re.search(r"@sha256:[0-9a-f]{64}$", i)]
+
+
+def validate_all(release: bool = False) -> list[tuple[str, str]]:
+    """-> [(file, what it holds)] for every deployment file; raises Invalid on the first bad one.  ``release``: every
+    image must be pinned by digest too (what is applied to a cluster; the files kept here name the tags you build)."""
     out = [("ray_cluster.yaml", validate_ray_cluster(ROOT / "ray_cluster.yaml"))]
     infra = ROOT / "infra"
     for p in sorted((infra / "k8s").glob("*.yaml")):
         out.append((str(p.relative_to(ROOT)), ", ".join(validate_k8s_file(p))))
-    check_network_policies([d for p in sorted((infra / "k8s").glob("*.yaml"))
-                            for d in yaml.safe_load_all(p.read_text()) if d])
+    docs = [d for p in sorted((infra / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    check_network_policies(docs)
     for p in sorted((infra / "vm").glob("*.service")) + sorted((infra / "vm").glob("*.timer")):
         out.append((str(p.relative_to(ROOT)), validate_systemd(p)))
     out.append(("infra/docker/Dockerfile", validate_dockerfile(infra / "docker" / "Dockerfile")))
+    loose = unpinned_images(docs)
+    if loose and release:
+        raise Invalid(f"images named by a tag, not a digest: {', '.join(loose)} (pin each to the @sha256: digest "
+                      "its registry gave when it was pushed)")
+    out.append(("images", f"{len(image_refs(docs))} named; "
+                          + (f"by tag, to pin before release: {', '.join(loose)}" if loose else "all by digest")))
     return out
 
 
 if __name__ == "__main__":
+    release = "--release" in sys.argv[1:]
     try:
-        for f, what in validate_all():
+        for f, what in validate_all(release=release):
             print(f"ok  {f}: {what}")
     except Invalid as e:
         print(f"INVALID  {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ reject the mistakes they exist for: unknown fields, wrong types, a bad schedule,
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import pytest
@@ -117,7 +118,54 @@ def test_a_bad_timer_schedule_and_a_drifted_pin_are_caught(tmp_path):
     docker = tmp_path / "Dockerfile"
     docker.write_text((REPO / "infra/docker/Dockerfile").read_text().replace("ray:2.60.0", "ray:2.40.0"))
     with pytest.raises(infra.Invalid, match="is not Ray 2.60.0"):
-        infra.validate_dockerfile(docker)
+        infra.validate_dockerfile(docker, LOCK)
+
+
+LOCK = REPO / "infra/docker/requirements.lock"
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.replace("--require-hashes ", ""), "with --require-hashes"),
+    (lambda t: t.replace("ENV PYTHONUNBUFFERED", 'RUN pip install "psycopg2-binary>=2.9"\nENV PYTHONUNBUFFERED'),
+     "a pip install outside the hashed lock"),
+    (lambda t: t.replace("--no-deps --no-build-isolation -e .", "-e ."), "a pip install outside the hashed lock"),
+])
+def test_the_image_installs_only_what_the_hashed_lock_pins(tmp_path, mutate, message):
+    docker = tmp_path / "Dockerfile"
+    docker.write_text(mutate((REPO / "infra/docker/Dockerfile").read_text()))
+    with pytest.raises(infra.Invalid, match=message):
+        infra.validate_dockerfile(docker, LOCK)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.replace("torch==2.13.0", "torch==2.12.0"), r"torch==2.12.0 does not satisfy 'torch==2.13.0'"),
+    (lambda t: t.replace("\nmlflow==", "\nnot-mlflow=="), "mlflow.* is not pinned"),
+    (lambda t: re.sub(r"(yuface==2023\.5\.1) \\\n(    --hash=\S+(?: \\)?\n)+", r"\1\n", t),
+     "yuface==2023.5.1 has no sha256"),
+])
+def test_a_lock_that_drifted_from_pyproject_or_lost_a_hash_is_caught(tmp_path, mutate, message):
+    (tmp_path / "requirements.in").write_text((LOCK.parent / "requirements.in").read_text())
+    lock = tmp_path / "requirements.lock"
+    text = LOCK.read_text()
+    assert mutate(text) != text
+    lock.write_text(mutate(text))
+    assert infra.check_lock(LOCK) > 100  # the real one holds
+    with pytest.raises(infra.Invalid, match=message):
+        infra.check_lock(lock)
+
+
+def test_images_by_tag_are_named_and_refused_for_release():
+    docs = [d for p in sorted((REPO / "infra/k8s").glob("*.yaml")) for d in infra.yaml.safe_load_all(p.read_text())
+            if d]
+    assert "postgres:17" in infra.unpinned_images(docs)
+    digest = "@sha256:" + "0" * 64
+    for d in docs:
+        for _, pod in infra.pod_specs(d):
+            for c in pod["containers"] + pod.get("initContainers", []):
+                c["image"] = c["image"].split(":")[0] + digest
+    assert infra.unpinned_images(docs) == [] and infra.image_refs(docs)
+    with pytest.raises(infra.Invalid, match="by a tag, not a digest"):
+        infra.validate_all(release=True)
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -126,6 +174,9 @@ def test_a_bad_timer_schedule_and_a_drifted_pin_are_caught(tmp_path):
     (lambda c: c["worker_start_ray_commands"].__setitem__(1, "ray start --address=$RAY_HEAD_IP:6379"), "token auth"),
     (lambda c: c["file_mounts"].pop("/home/ubuntu/.ray/auth_token"), "auth_token"),
     (lambda c: c.pop("rsync_exclude"), "does not leave out .platform, outputs"),
+    (lambda c: c["setup_commands"].append("~/venv/bin/pip install -q requests"), "outside the hashed lock"),
+    (lambda c: c["setup_commands"].__setitem__(1, c["setup_commands"][1].replace(" --require-hashes", "")),
+     "outside the hashed lock"),
     (lambda c: c.__setitem__("rsync_exclude", ["**/.venv"]), "does not leave out .platform, outputs"),
 ])
 def test_the_cluster_launcher_config_must_keep_token_auth_and_a_loopback_dashboard(mutate, message):
