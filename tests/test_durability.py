@@ -29,7 +29,11 @@ pytestmark = pytest.mark.stack
 def durable_stack(tmp_path_factory):
     spec = st.StackSpec.on_free_ports(tmp_path_factory.mktemp("durable"), ray_num_cpus=4, object_store_mb=512)
     st.up(spec, log=lambda *_: None)
+    saved = dict(os.environ)
+    os.environ.update(spec.env())  # this test's MlflowClient logs in to this stack, not to the session's
     yield spec
+    os.environ.clear()
+    os.environ.update(saved)
     st.down(spec.state_dir, log=lambda *_: None)
 
 

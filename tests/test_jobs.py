@@ -172,8 +172,10 @@ def test_every_socket_of_the_stack_is_on_loopback_while_a_training_job_runs(user
           f"training workers: {sorted({(s[1], s[2]) for s in workers})}")
 
 
-def test_ray_job_stop_ends_the_job_stopped_and_its_mlflow_run_killed(user_shell, training_job):
+def test_ray_job_stop_ends_the_job_stopped_and_its_mlflow_run_killed(user_shell, training_job, monkeypatch):
     env, _, _ = user_shell
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the user's shell logs in to MLflow
+        monkeypatch.setenv(k, env[k])
     stop = _sh(env, "ray", "job", "stop", training_job)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     deadline = time.time() + 120

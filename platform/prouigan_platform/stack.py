@@ -399,6 +399,15 @@ def _ray_command(spec: StackSpec) -> list[str]:
     ]
 
 
+# how long `ray job stop` lets a job's driver unwind (end its MLflow run KILLED, free its locks) before SIGKILL; Ray's
+# own 3 s is too short once every MLflow request checks a password
+JOB_STOP_GRACE_S = 30
+
+
+def _ray_env(spec: StackSpec) -> dict[str, str]:
+    return {"RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_GRACE_S)}
+
+
 def _ray_token(spec: StackSpec) -> str:
     """The stack's Ray token, made once (0600) in the state folder."""
     return _secret_file(spec.token_file, lambda: secrets.token_hex(32)).strip()
@@ -626,7 +635,8 @@ SERVICE_TABLE = {
                       lambda spec: f"{spec.mlflow_uri}  (user {MLFLOW_USER}, password in {spec.credentials_file})",
                       env=_mlflow_env),
     "ray": Service("ray", _ray_command, _ray_healthy,
-                   lambda spec: f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address}; token in {spec.token_file})"),
+                   lambda spec: f"{spec.dashboard_url}  (RAY_ADDRESS={spec.ray_address}; token in {spec.token_file})",
+                   env=_ray_env),
 }
 assert tuple(SERVICE_TABLE) == SERVICES
 
