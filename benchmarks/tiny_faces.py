@@ -38,6 +38,7 @@ from prouigan.align import (  # noqa: E402
     similarity_fit,
     source_to_output,
 )
+from prouigan_platform.restoring import FIDELITY, PHOTO_BACK_PROJECTION  # noqa: E402
 
 FACTORS = (4, 6, 8)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "faces"
@@ -221,9 +222,16 @@ def cmd_restore(args) -> int:
                 found += 1
                 crops["bicubic (the faces found)"] = crops["bicubic"]
                 for name, net in nets.items():
-                    for pixels in (False, True):
-                        out = restore_photo(small, net, faces_of(small, dets), factor, photo_pixels=pixels)
-                        crops[f"{name} (restore{'' if pixels else ', thumbnail only'})"] = align_quad(out, gt_out).image
+                    if not args.no_thumbnail_only:
+                        out = restore_photo(small, net, faces_of(small, dets), factor, photo_pixels=False)
+                        crops[f"{name} (restore, thumbnail only)"] = align_quad(out, gt_out).image
+                    for bp in args.photo_back_projection:
+                        for fid in args.fidelity:
+                            out = restore_photo(small, net, faces_of(small, dets), factor, photo_back_projection=bp,
+                                                fidelity=fid)
+                            label = (f", photo back-projection {bp}" if len(args.photo_back_projection) > 1 else "") + (
+                                f", fidelity {fid:g}" if len(args.fidelity) > 1 else "")
+                            crops[f"{name} (restore{label})"] = align_quad(out, gt_out).image
             ref = _tensor([original])
             for label, img in crops.items():
                 x = _tensor([img])
@@ -275,6 +283,11 @@ def main(argv=None) -> int:
     rs.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     rs.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     rs.add_argument("--dlib", action="store_true", help="also the dlib identity distance (the eval extra)")
+    rs.add_argument("--photo-back-projection", type=int, nargs="+", default=[PHOTO_BACK_PROJECTION],
+                    help="steps of restore's back-projection in the output photo, a row each (default: restore's)")
+    rs.add_argument("--fidelity", type=float, nargs="+", default=[FIDELITY],
+                    help="restore's --fidelity, a row each (default: restore's)")
+    rs.add_argument("--no-thumbnail-only", action="store_true", help="leave out the thumbnail-only rows")
     rs.add_argument("--limit", type=int, default=None, help="the first N faces only")
     rs.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

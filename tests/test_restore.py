@@ -196,6 +196,39 @@ def test_the_cli_and_the_restorer_agree_on_the_largest_upscale():
     from prouigan_platform import cli, restoring
 
     assert cli.MAX_UPSCALE == restoring.MAX_UPSCALE == 8
+    assert cli.FIDELITY == restoring.FIDELITY
+
+
+def test_a_pasted_face_is_made_to_agree_with_the_photo_inside_its_mask_and_fidelity_blends_the_photo_back():
+    from prouigan.align import paste_back
+    from prouigan_platform.restoring import put_face, upscale_photo
+
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8)).resize((40, 30), Image.BICUBIC))
+    face = rng.integers(0, 256, (128, 128, 3), np.uint8)  # nothing like the photo
+    quad = np.array([[8.0, 6], [8, 26], [28, 26], [28, 6]]) * 4  # a 20-px square, in the x4 output
+    bg = upscale_photo(photo, 4)
+    pasted = paste_back(bg, face, quad)
+    mask = paste_back(np.zeros_like(bg), np.full_like(face, 255), quad)[..., 0] > 0
+
+    def disagreement(out):  # the output reduced to the photo's size, against the photo, over the face's square
+        small = torch.nn.functional.interpolate(torch.from_numpy(out).permute(2, 0, 1)[None].float(), size=(30, 40),
+                                                mode="bicubic", antialias=True, align_corners=False)[0]
+        return (small.permute(1, 2, 0).numpy() - photo)[8:24, 10:26].__abs__().mean()
+
+    out = bg.copy()
+    put_face(out, photo, face, quad, 4, back_projection=5)
+    assert (out[~mask] == bg[~mask]).all()  # outside the face's mask: the upscaled photo, bit for bit
+    assert disagreement(out) < 0.5 * disagreement(pasted)
+    assert np.abs(out.astype(int) - bg)[mask].mean() > 5  # the face's detail stays
+    half, whole = bg.copy(), bg.copy()
+    put_face(half, photo, face, quad, 4, back_projection=0, fidelity=0.5)
+    put_face(whole, photo, face, quad, 4, back_projection=0, fidelity=1.0)
+    assert np.abs(whole.astype(int) - bg).max() <= 1  # all the photo: the upscaled photo back, to rounding
+    expected = (pasted.astype(float) + bg) / 2
+    assert np.abs(half - expected).max() <= 1
+    with pytest.raises(ValueError, match="fidelity must be 0-1"):
+        put_face(bg.copy(), photo, face, quad, 4, fidelity=1.5)
 
 
 def _inside(points: np.ndarray, quad: np.ndarray) -> np.ndarray:
@@ -232,6 +265,7 @@ def test_restore_upscales_the_photo_and_pastes_every_face_back_only_inside_its_s
     record = json.loads((out_dir / "crowd.json").read_text())
     assert record["output_size"] == [img.shape[1] * 3, img.shape[0] * 3] and record["upscale"] == 3
     assert record["faces_found"] == record["faces_restored"] == 4 and record["detector"]["name"] == "yunet"
+    assert record["fidelity"] == 0.5
     for f, s in zip(sorted(record["faces"], key=lambda f: f["square_px"]), SQUARES, strict=True):
         assert abs(f["square_px"] / s - 1) < 0.3 and f["square_px_in_output"] == pytest.approx(3 * f["square_px"], 0.01)
     for f in record["faces"]:
@@ -283,6 +317,8 @@ def test_restore_refuses_bad_requests_in_one_line_and_writes_nothing(crowd, mode
     _one_line(_run(*base, "--detector", "retinaface"), 2, "--detector", "invalid choice")
     _one_line(_run(*base, "--upscale", "8", "--max-megapixels", "0.5"), 2, "over the 0.5-megapixel cap")
     _one_line(_run(*base, "--detector", "dlib", "--threshold", "0.5"), 2, "--threshold")
+    _one_line(_run(*base, "--fidelity", "1.5"), 2, "--fidelity", "must be 0-1")
+    _one_line(_run(*base, "--fidelity", "0.5", "--thumbnail-only"), 2, "--thumbnail-only uses none")
     assert not (tmp_path / "o").exists()
     Image.new("RGB", (120, 90), (90, 120, 200)).save(tmp_path / "wall.png")
     out = _run("restore", str(tmp_path / "wall.png"), "-o", str(tmp_path / "o"), "--model", str(model))

@@ -59,6 +59,20 @@ def positive_float(text: str) -> float:
 MAX_UPSCALE = 8  # restore's largest upscale: the model's own 8x (prouigan_platform.restoring.MAX_UPSCALE, tested equal)
 
 
+FIDELITY = 0.5  # restore's default --fidelity (prouigan_platform.restoring.FIDELITY, tested equal)
+
+
+def fidelity_arg(text: str) -> float:
+    """restore's --fidelity: a number 0..1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number 0-1, got {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be 0-1 (0: all the model adds, 1: the upscaled photo), got {v:g}")
+    return v
+
+
 def upscale_arg(text: str) -> int | str:
     """restore's --upscale: ``auto`` or a whole number 1..MAX_UPSCALE."""
     if text == "auto":
@@ -212,8 +226,12 @@ def _restore(p) -> None:
     p.add_argument("--faces", action="store_true", help="also write each face's thumbnail and result")
     p.add_argument("--thumbnail-only", action="store_true",
                    help="hallucinate each face from its 16x16 thumbnail alone, as the model was trained (default: a "
-                        "face larger than 16 px also brings its own pixels: at the model's 32- or 64-px stage, "
-                        "then by back-projection)")
+                        "face brings its own pixels too: at the model's 32- or 64-px stage where it is larger than "
+                        "16 px, then by back-projection onto the photo)")
+    p.add_argument("--fidelity", type=fidelity_arg, default=None,
+                   help="0-1: the share of the upscaled photo blended back into each face (inside its mask); 0 keeps "
+                        "all the model adds, 1 gives the upscaled photo back (default "
+                        f"{FIDELITY:g}, chosen on the val faces: BENCHMARKS.md \"Tiny faces\")")
     _device_arg(p, "cpu")
 
 

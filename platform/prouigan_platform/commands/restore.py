@@ -110,7 +110,9 @@ def _record(path: Path, args, rgb: np.ndarray, faces, upscale: int, why: str) ->
         "input_size": [w, h], "output_size": [w * upscale, h * upscale],
         "upscale": upscale, "upscale_why": why, "background": args.background,
         "from": "the 16x16 thumbnail alone" if args.thumbnail_only else
-                "the 16x16 thumbnail, and a face's own pixels where it is larger (model stage, back-projection)",
+                "the 16x16 thumbnail, and a face's own pixels (model stage where it is larger, back-projection onto "
+                "the photo)",
+        "fidelity": None if args.thumbnail_only else args.fidelity,
         "detector": {"name": args.detector, "upsample": args.upsample, "threshold": args.threshold,
                      "landmarks": "dlib-68" if args.detector == "dlib" or args.landmarks == "dlib" else "yunet-5",
                      "not_found": f"{REACH[args.detector]} are beyond its reach: not found, they keep the upscaled "
@@ -131,6 +133,8 @@ def run(args) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise UserError(f"--output {args.output} is a file, not a folder")
     _check_outputs(args)
+    if args.fidelity is not None and args.thumbnail_only:
+        raise BadInput("--fidelity blends the photo's own pixels back into each face; --thumbnail-only uses none")
     if args.threshold is not None and args.detector != "yunet":
         raise BadInput("--threshold is YuNet's least score; dlib's detector takes none")
     args.upsample = DEFAULT_UPSAMPLE[args.detector] if args.upsample is None else args.upsample
@@ -138,7 +142,9 @@ def run(args) -> int:
     sizes = _sizes(args)
     # the model's code (torch, MLflow) only now: a bad request above is answered at once
     from prouigan_platform.registry import resolve_device, resolve_model
-    from prouigan_platform.restoring import auto_upscale, faces_grid, faces_of, restore_photo
+    from prouigan_platform.restoring import FIDELITY, auto_upscale, faces_grid, faces_of, restore_photo
+
+    args.fidelity = FIDELITY if args.fidelity is None else args.fidelity
 
     device = resolve_device(args.device)
     thumb = _thumbnail(args.thumbnail) if args.thumbnail is not None else None
@@ -175,7 +181,7 @@ def run(args) -> int:
         else:
             upscale, why = args.upscale, "--upscale"
         photo = restore_photo(rgb, model, faces, upscale, args.background, thumb if done == 0 else None,
-                              photo_pixels=not args.thumbnail_only)
+                              photo_pixels=not args.thumbnail_only, fidelity=args.fidelity)
         names = outputs(path, args.faces)
         write_png(args.output / names[0], photo)
         if args.faces and any(f.output is not None for f in faces):
