@@ -25,6 +25,14 @@ def cosine_factor(progress: float, floor: float = 0.02) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def warmup_cosine_factor(progress: float, warmup: float, floor: float = 0.02) -> float:
+    """One cycle: linear from ``floor`` up to 1 over the first ``warmup`` of the run, then cosine down to ``floor``."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return floor + (1 - floor) * progress / warmup
+    return cosine_factor((progress - warmup) / (1 - warmup), floor)
+
+
 def cpu_bf16_supported() -> bool:
     """Whether this CPU runs bf16 natively (oneDNN finds its bf16 instructions: AVX512-BF16, AMX): detected, never
     assumed."""

@@ -381,3 +381,13 @@ def test_channels_last_changes_the_layout_not_the_result():
     got = nhwc.step(_batch(nhwc=True))
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5), (k, got[k], want[k])
+
+
+def test_one_learning_rate_cycle_warms_up_then_follows_the_cosine():
+    from prouigan.training import cosine_factor, warmup_cosine_factor
+
+    assert warmup_cosine_factor(0.0, 0.05) == pytest.approx(0.02)
+    assert warmup_cosine_factor(0.025, 0.05) == pytest.approx(0.51)  # half way up
+    assert warmup_cosine_factor(0.05, 0.05) == pytest.approx(1.0)
+    assert warmup_cosine_factor(0.525, 0.05) == pytest.approx(cosine_factor(0.5))  # the cosine, over the rest
+    assert warmup_cosine_factor(1.0, 0.05) == pytest.approx(0.02) == warmup_cosine_factor(7.0, 0.05)

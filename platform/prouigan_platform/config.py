@@ -193,7 +193,9 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(default=None, gt=0.0)  # wall-time budget of the training loop; None: steps
     lr_g: float = Field(default=2e-4, gt=0.0)
     lr_d: float = Field(default=1e-4, gt=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: G's lr decays to 2% over the run
+    lr_schedule: Literal["constant", "cosine", "warmup-cosine"] = "constant"  # cosine: G's lr decays to 2% over the
+    # run; warmup-cosine (one cycle): up from 2% over the first lr_warmup of the run, then the same cosine
+    lr_warmup: float = Field(default=0.05, gt=0.0, lt=1.0)
     # an exponential moving average of G's weights (decay per step; warmed up as (1 + step) / (10 + step) early on):
     # validated, checkpointed as the generator, registered and served instead of the raw weights.  None: off
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)

@@ -39,7 +39,14 @@ from prouigan.losses import perceptual_network
 from prouigan.metrics import face_scores
 from prouigan.pictures import comparison_grid
 from prouigan.presets import GeneratorConfig, generator_config
-from prouigan.training import GANStep, autocast_dtype, channels_last, channels_last_batch, cosine_factor
+from prouigan.training import (
+    GANStep,
+    autocast_dtype,
+    channels_last,
+    channels_last_batch,
+    cosine_factor,
+    warmup_cosine_factor,
+)
 from prouigan_platform import run_names as names
 from prouigan_platform import storage, tracking
 from prouigan_platform.config import Config
@@ -383,9 +390,11 @@ class WorkerRun:
         """The schedules at this point of the run (learning rate, adversarial phase, source mix), one GAN step, and
         the clock that says how far the run is (the same on every rank)."""
         cfg, step_fn = self.cfg, self.step_fn
-        if cfg.train.lr_schedule == "cosine":
+        if cfg.train.lr_schedule != "constant":
+            factor = cosine_factor(self.done) if cfg.train.lr_schedule == "cosine" else warmup_cosine_factor(
+                self.done, cfg.train.lr_warmup)
             for pg, lr0 in zip(step_fn.opt_g.param_groups, self.base_lr, strict=True):
-                pg["lr"] = lr0 * cosine_factor(self.done)
+                pg["lr"] = lr0 * factor
         step_fn.adversarial = cfg.loss.adversarial > 0 and self.done >= cfg.train.adversarial_start
         if (mix := cfg.data.mix_at(self.done)) != self.mix:
             self.mix = mix
