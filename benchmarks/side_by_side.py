@@ -39,7 +39,9 @@ def main() -> int:
     ap.add_argument("--source", action="append", default=[], help="score the test split of this source (repeat)")
     ap.add_argument("--minutes", type=float, default=55.0)
     ap.add_argument("--steps", type=int, default=None, help="a step budget instead of minutes (noisy machines)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="faces a step for every run (one worker each)")
+    ap.add_argument("--batch", action="append", default=[], metavar="CONFIG=N",
+                    help="faces a step for one run instead of --batch-size (repeat)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="sbs", help="suffix of the run names")
     ap.add_argument("--skip-train", action="store_true",
@@ -51,13 +53,19 @@ def main() -> int:
     budget = [f"train.steps={args.steps}", "train.max_minutes=null"] if args.steps else \
         ["train.steps=1000000", f"train.max_minutes={args.minutes}"]
     names = {cfg: f"{cfg}-{args.tag}" for cfg in args.run}
+    batch = {cfg: args.batch_size for cfg in args.run}
+    for item in args.batch:
+        cfg, _, n = item.partition("=")
+        if cfg not in batch or not n.isdigit() or int(n) < 1:
+            ap.error(f"--batch {item!r}: want CONFIG=N with CONFIG one of the --run configs and N >= 1")
+        batch[cfg] = int(n)
     if not args.skip_train:
         procs = {}
         t0 = time.time()
         for cfg, name in names.items():
             cmd = [*PROUIGAN, "train", "-c", cfg, f"name={name}", f"train.dataset={args.dataset}",
                    f"train.storage={args.out / 'ckpt'}", "train.num_workers=1", "train.cpus_per_worker=1",
-                   f"train.batch_size={args.batch_size}", *budget]
+                   f"train.batch_size={batch[cfg]}", *budget]
             print(f"$ prouigan {_echo(cmd)}", flush=True)
             log = open(args.out / f"{name}.train.log", "w")  # noqa: SIM115 (closed when the process ends)
             procs[cfg] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log)
