@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 from PIL import Image
 
 from prouigan.degradation import upsample_bicubic
+from prouigan_platform import run_names as names
 from prouigan_platform.config import load_config
 from prouigan_platform.dataset import manifest as mf
 from prouigan_platform.errors import Exit, UserError
@@ -28,6 +30,7 @@ from prouigan_platform.evaluation import comparison_grid, load_split
 from prouigan_platform.paths import outputs_dir
 from prouigan_platform.registry import resolve_model
 from prouigan_platform.runtime import use_embedded_stack
+from prouigan_platform.tracking import experiment_id
 
 # the research-licensed faces beside the checkout (`make demo` runs in the repository: ../shared)
 SHARED = Path(os.environ.get("PROUIGAN_SHARED", Path.cwd().parent / "shared"))
@@ -71,7 +74,7 @@ def run(args=None) -> int:
     _step("shard the photos into a dataset version (Ray Data; dlib labels the CelebA photos)",
           ["shard", "-c", "demo", *overrides])
     _step("train for 4 minutes on 2 Ray Train workers, register @challenger", ["train", "-c", "demo", *overrides])
-    model = "models:/prouigan@challenger"
+    model = trained_version(overrides)
     _step("score the model and bicubic on the val faces", ["evaluate", "-c", "demo", "--model", model,
                                                            "--output", str(OUT / "evaluate"), *overrides])
     metrics = json.loads((OUT / "evaluate" / "metrics.json").read_text())["methods"]
@@ -94,6 +97,19 @@ def run(args=None) -> int:
           f"\n  model          {model}  (report: {OUT / 'evaluate' / 'report.md'})"
           "\nStop the stack with `prouigan platform down` (data stays in .platform/).")
     return Exit.OK if beats else Exit.FAILED
+
+
+def trained_version(overrides: list[str]) -> str:
+    """The version the demo's own training registered (models:/NAME/N), read from its MLflow run.  Not @challenger:
+    any later training of the same registered model (a benchmark, another recipe) moves that alias."""
+    cfg = load_config("demo", overrides)
+    runs = mlflow.MlflowClient().search_runs([experiment_id(cfg.tracking.experiment)],
+                                             f"tags.{names.TRAIN_NAME} = '{cfg.name}'", max_results=1)
+    uri = runs[0].data.tags.get(names.REGISTERED_VERSION) if runs else None
+    if not uri:
+        raise UserError(f"demo: the training '{cfg.name}' registered no model (no {names.REGISTERED_VERSION} tag on "
+                        "its MLflow run); see its output above", code=Exit.FAILED)
+    return uri
 
 
 def compare_picture(overrides: list[str], model: str, path: Path, n: int = 8) -> Path:
