@@ -4,7 +4,8 @@ then score each with `prouigan evaluate` on the test split of every source named
 Running them together (not one after the other) makes the comparison fair on a machine whose speed drifts:
 every run sees the same machine, minute by minute.  Each run gets one Ray Train worker and one torch thread,
 so on 2 cores three runs share the cores evenly.  Needs the embedded stack (`prouigan platform up`) or
-RAY_ADDRESS; nothing else should run meanwhile.
+RAY_ADDRESS; nothing else should run meanwhile.  Each run registers its best checkpoint in the registered model
+`prouigan-benchmarks`, so no @challenger a recipe's users rely on moves.
 
     .venv/bin/python benchmarks/side_by_side.py --dataset DATA/manifests/v0001.json --minutes 55 --out OUT \\
         --run cpu-mixed --run cpu-small-300w --run cpu-mixed-plain --source faces --source celeba
@@ -25,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROUIGAN = [sys.executable, "-m", "prouigan_platform.cli"]
+BENCH_MODEL = "prouigan-benchmarks"
 METRICS = ("psnr", "ssim", "psnr_occluded", "nme", "identity_distance", "parse_f1", "expression_accuracy")
 
 
@@ -47,23 +49,25 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true",
                     help="score the checkpoints of an earlier call (scores it already wrote are kept)")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}", flush=True)
-
-    budget = [f"train.steps={args.steps}", "train.max_minutes=null"] if args.steps else \
-        ["train.steps=1000000", f"train.max_minutes={args.minutes}"]
-    names = {cfg: f"{cfg}-{args.tag}" for cfg in args.run}
     batch = {cfg: args.batch_size for cfg in args.run}
     for item in args.batch:
         cfg, _, n = item.partition("=")
         if cfg not in batch or not n.isdigit() or int(n) < 1:
             ap.error(f"--batch {item!r}: want CONFIG=N with CONFIG one of the --run configs and N >= 1")
         batch[cfg] = int(n)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}", flush=True)
+
+    budget = [f"train.steps={args.steps}", "train.max_minutes=null"] if args.steps else \
+        ["train.steps=1000000", f"train.max_minutes={args.minutes}"]
+    names = {cfg: f"{cfg}-{args.tag}" for cfg in args.run}
     if not args.skip_train:
         procs = {}
         t0 = time.time()
         for cfg, name in names.items():
-            cmd = [*PROUIGAN, "train", "-c", cfg, f"name={name}", f"train.dataset={args.dataset}",
+            # registered apart: a benchmark arm must not move the @challenger of the model a user's recipe serves
+            cmd = [*PROUIGAN, "train", "-c", cfg, f"name={name}", f"tracking.registered_model={BENCH_MODEL}",
+                   f"train.dataset={args.dataset}",
                    f"train.storage={args.out / 'ckpt'}", "train.num_workers=1", "train.cpus_per_worker=1",
                    f"train.batch_size={batch[cfg]}", *budget]
             print(f"$ prouigan {_echo(cmd)}", flush=True)
