@@ -194,12 +194,12 @@ def close_trials(experiment_id: str, trials: list[Trial]) -> None:
     ran to the end (a crashed trial ended its own run FAILED)."""
     client = mlflow.MlflowClient()
     for t in trials:
-        found = client.search_runs([experiment_id], f"tags.{names.TUNE_TRIAL} = '{t.trial_id}'", max_results=1)
+        found = tracking.find_run(experiment_id, names.TUNE_TRIAL, t.trial_id)
         if found and t.status == "stopped early":
-            client.set_tag(found[0].info.run_id, names.STOPPED_EARLY, "true")
-            tracking.end_run(found[0].info.run_id, stopped=f"stopped early by ASHA after {t.reports} report(s)")
+            client.set_tag(found.info.run_id, names.STOPPED_EARLY, "true")
+            tracking.end_run(found.info.run_id, stopped=f"stopped early by ASHA after {t.reports} report(s)")
         elif found and t.status == "complete":
-            tracking.end_run(found[0].info.run_id)
+            tracking.end_run(found.info.run_id)
 
 
 def run_search(cfg, manifest: mf.Manifest, out_dir: Path) -> SearchOutcome:

@@ -107,6 +107,12 @@ def log_dataset(run_id: str, manifest: Manifest, context: str) -> None:
         ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
 
+def find_run(exp_id: str, tag: str, value: str):
+    """The newest run of the experiment whose tag ``tag`` is ``value``, or None."""
+    found = mlflow.MlflowClient().search_runs([exp_id], f"tags.{tag} = '{value}'", max_results=1)
+    return found[0] if found else None
+
+
 def open_run(config: Config, pipeline: str, run_name: str, *, manifest: Manifest | None = None,
              find_tag: tuple[str, str] | None = None, parent_run_id: str | None = None,
              experiment: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -114,19 +120,17 @@ def open_run(config: Config, pipeline: str, run_name: str, *, manifest: Manifest
     tag vocabulary, the whole config and the dataset as its input.  -> run id."""
     client = mlflow.MlflowClient()
     exp_id = experiment_id(experiment or config.tracking.experiment)
-    if find_tag is not None:
-        found = client.search_runs([exp_id], f"tags.{find_tag[0]} = '{find_tag[1]}'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            for k, v in (tags or {}).items():
-                client.set_tag(run_id, k, v)
-            if manifest is not None and found[0].data.tags.get(names.DATASET_DIGEST) != manifest.digest:
-                # resumed on another dataset version: the run's lineage names the one it goes on with
-                client.set_tag(run_id, names.DATASET, manifest.uri)
-                client.set_tag(run_id, names.DATASET_DIGEST, manifest.digest)
-                log_dataset(run_id, manifest, "tuning" if pipeline.startswith("tune") else "training")
-            client.update_run(run_id, status="RUNNING")
-            return run_id
+    if find_tag is not None and (found := find_run(exp_id, *find_tag)) is not None:
+        run_id = found.info.run_id
+        for k, v in (tags or {}).items():
+            client.set_tag(run_id, k, v)
+        if manifest is not None and found.data.tags.get(names.DATASET_DIGEST) != manifest.digest:
+            # resumed on another dataset version: the run's lineage names the one it goes on with
+            client.set_tag(run_id, names.DATASET, manifest.uri)
+            client.set_tag(run_id, names.DATASET_DIGEST, manifest.digest)
+            log_dataset(run_id, manifest, "tuning" if pipeline.startswith("tune") else "training")
+        client.update_run(run_id, status="RUNNING")
+        return run_id
     # mlflow.note.content is the run's description on its page; mlflow.source.name its "Source"
     all_tags = {names.PIPELINE: pipeline, names.GIT: git_commit(), "mlflow.source.name": f"prouigan {pipeline}",
                 "mlflow.source.type": "JOB",

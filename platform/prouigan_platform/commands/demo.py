@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from PIL import Image
 
@@ -30,7 +29,7 @@ from prouigan_platform.evaluation import comparison_grid, load_split
 from prouigan_platform.paths import outputs_dir
 from prouigan_platform.registry import resolve_model
 from prouigan_platform.runtime import use_embedded_stack
-from prouigan_platform.tracking import experiment_id
+from prouigan_platform.tracking import experiment_id, find_run
 
 # the research-licensed faces beside the checkout (`make demo` runs in the repository: ../shared)
 SHARED = Path(os.environ.get("PROUIGAN_SHARED", Path.cwd().parent / "shared"))
@@ -103,9 +102,8 @@ def trained_version(overrides: list[str]) -> str:
     """The version the demo's own training registered (models:/NAME/N), read from its MLflow run.  Not @challenger:
     any later training of the same registered model (a benchmark, another recipe) moves that alias."""
     cfg = load_config("demo", overrides)
-    runs = mlflow.MlflowClient().search_runs([experiment_id(cfg.tracking.experiment)],
-                                             f"tags.{names.TRAIN_NAME} = '{cfg.name}'", max_results=1)
-    uri = runs[0].data.tags.get(names.REGISTERED_VERSION) if runs else None
+    run = find_run(experiment_id(cfg.tracking.experiment), names.TRAIN_NAME, cfg.name)
+    uri = run.data.tags.get(names.REGISTERED_VERSION) if run else None
     if not uri:
         raise UserError(f"demo: the training '{cfg.name}' registered no model (no {names.REGISTERED_VERSION} tag on "
                         "its MLflow run); see its output above", code=Exit.FAILED)
